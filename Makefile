@@ -1,0 +1,36 @@
+# The commands the README names. `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.wmdd-installed
+# Anything that changes what `pip install -e .` builds re-runs the install.
+INSTALL_DEPS := pyproject.toml setup.py $(wildcard csrc/*)
+
+.PHONY: install test test-all demo bench clean
+
+install: $(STAMP)
+
+# 1) the build requirements (torch first: setup.py compiles the kernels against the installed torch),
+# 2) the package itself without build isolation, so the kernels match this torch's ABI.
+$(STAMP): $(INSTALL_DEPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check "torch>=2.4" "torchvision>=0.19" setuptools wheel ninja pybind11
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
+	$(PY) -c "import torch, torchvision, ot; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| POT', ot.__version__)"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+demo: install
+	$(PY) squeeze.py --dataset digits --out runs/demo
+
+bench: install
+	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf build *.egg-info wmdd/*.so
