@@ -1,0 +1,157 @@
+"""Stage 1 - squeeze: train the teacher on the real data, then record per-class BatchNorm statistics.
+
+    python squeeze.py --dataset digits --out runs/digits
+    python squeeze.py --dataset tiny --data-dir /data/tiny-imagenet-200 --resolution 224 --out runs/tiny/r224
+    python squeeze.py --dataset imagenette --data-dir /data/imagenette2 --stats-only --teacher resnet18.pth
+
+Teacher recipe (the paper's, from the released run logs): ResNet-18, 50 epochs, SGD(momentum 0.9)
+lr 0.025, batch 32, cosine, weight decay 1e-4, RandomResizedCrop(0.08-1) + flip; Tiny-ImageNet at the
+224 protocol upsamples its 64 px images and uses a 3x3 s2 stem without maxpool. Every value is a flag;
+flags left unset take the `--dataset` preset's value (digits: a ConvNet and a one-minute recipe).
+
+After training (validated every epoch), one eval-mode pass over the training set with the eval
+transform records, for every BatchNorm layer and every class, the per-channel mean and biased
+variance of the layer's input (float64 sums: wmdd/bnstats.py).
+
+Writes to --out: `teacher.pt` (state_dict, model spec, val top-1 in meta) and `bn_stats.pt` (per-layer
+per-class sums, counts, mean, var; global mean/var). A per-epoch `squeeze_checkpoint.pt` makes an
+interrupted run resume where it stopped when rerun with the same command.
+
+`--stats-only --teacher PATH` skips training and recomputes the statistics for an existing teacher
+(a teacher.pt, or a plain torchvision-format state_dict, e.g. from torchvision's own ImageNet training
+script; the architecture then comes from --arch or the preset).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from wmdd import artifacts, bnstats, cli, data, engine, models, ops
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("squeeze: train the teacher and record per-class BN statistics",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_common_args(p)
+    g = p.add_argument_group("teacher (unset: the preset's value)")
+    g.add_argument("--arch", default=None, choices=models.ARCHES, help="teacher architecture")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="SGD learning rate (cosine schedule)")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g = p.add_argument_group("statistics")
+    g.add_argument("--stats-only", action="store_true", help="skip training; statistics for --teacher")
+    g.add_argument("--teacher", default=None, help="teacher checkpoint for --stats-only (default <out>/teacher.pt)")
+    g.add_argument("--stats-batch-size", type=int, default=256)
+    return p
+
+
+def train_teacher(args, info, device, paths) -> tuple:
+    """SGD + cosine, validated every epoch; resumes from squeeze_checkpoint.pt. Returns (model, val top-1)."""
+    model = models.build_model(args.arch, info.num_classes, info.stem, info.image_size).to(device)
+    train_set = data.build_dataset(info, args, "train", augment=True)
+    val_loader = DataLoader(data.build_dataset(info, args, "val"), batch_size=args.stats_batch_size,
+                            num_workers=args.workers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    criterion = nn.CrossEntropyLoss()
+
+    # What must match for a checkpoint to be resumed.
+    recipe = {k: getattr(args, k) for k in ("arch", "epochs", "lr", "batch_size", "weight_decay", "momentum", "seed")}
+    start_epoch, val = 0, {"top1": float("nan")}
+    if os.path.exists(paths.squeeze_checkpoint):
+        ckpt = artifacts.load(paths.squeeze_checkpoint, stage="squeeze-checkpoint")
+        artifacts.check_compatible(ckpt["meta"], info, paths.squeeze_checkpoint)
+        if ckpt["recipe"] != recipe:
+            cli.fail(f"{paths.squeeze_checkpoint} is from a run with another recipe ({ckpt['recipe']}) than this "
+                     f"one ({recipe}). Rerun with the same flags to resume, or delete the checkpoint to start over.")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, val = ckpt["epoch"], ckpt["val"]
+        print(f"[squeeze] resuming from {paths.squeeze_checkpoint} after epoch {start_epoch}")
+
+    epochs = tqdm(range(start_epoch, args.epochs), desc="teacher epochs", initial=start_epoch, total=args.epochs)
+    for epoch in epochs:
+        model.train()
+        torch.manual_seed(args.seed * 100_003 + epoch)  # augmentation draws of this epoch
+        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=False,
+                            num_workers=args.workers, generator=engine.epoch_generator(args.seed, epoch))
+        running, seen = 0.0, 0
+        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = criterion(model(x), y)
+            if not torch.isfinite(loss):
+                cli.fail(f"the teacher's loss became {loss.item()} in epoch {epoch + 1}. Lower --lr; the last "
+                         f"finished epoch is kept in {paths.squeeze_checkpoint}.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() * y.numel()
+            seen += y.numel()
+        val = engine.validate(model, val_loader, device)
+        epochs.set_postfix(loss=f"{running / seen:.3f}", val_top1=f"{val['top1']:.2f}")
+        print(f"[squeeze] epoch {epoch + 1}/{args.epochs} train loss {running / seen:.4f} "
+              f"val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f}")
+        artifacts.save(paths.squeeze_checkpoint,
+                       {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "val": val, "recipe": recipe},
+                       artifacts.make_meta("squeeze-checkpoint", args, info))
+    return model, val["top1"]
+
+
+def main(args):
+    t0 = time.time()
+    info = data.resolve(args)
+    data.preset_defaults(args, "squeeze")
+    args.arch = args.arch or info.arch
+    args.out = cli.default_out(args)
+    device = cli.resolve_device(args.device)
+    cli.seed_everything(args.seed)
+    cli.print_config("squeeze", args, classes=info.num_classes, stem=info.stem, image_size=info.image_size,
+                     device_resolved=str(device), kernels=ops.describe(args.impl))
+    paths = artifacts.run_paths(args.out)
+
+    if args.stats_only:
+        teacher_path = args.teacher or paths.teacher
+        model, teacher = models.load_teacher(teacher_path, info, device, arch=args.arch)
+        if teacher["meta"] is None:  # a plain state_dict: give the run a teacher.pt with meta
+            artifacts.save(paths.teacher, {"model": model.state_dict(), "model_args": teacher["model_args"]},
+                           artifacts.make_meta("squeeze", args, info, source=os.path.abspath(teacher_path),
+                                               val_top1=None, arch=teacher["model_args"]["arch"]))
+            teacher_path = paths.teacher
+    else:
+        model, val_top1 = train_teacher(args, info, device, paths)
+        spec = models.model_spec(args.arch, info.num_classes, info.stem, info.image_size)
+        artifacts.save(paths.teacher, {"model": model.state_dict(), "model_args": spec},
+                       artifacts.make_meta("squeeze", args, info, val_top1=val_top1, arch=args.arch,
+                                           wall_time_s=time.time() - t0))
+        teacher_path = paths.teacher
+        print(f"[squeeze] wrote {paths.teacher} (val top-1 {val_top1:.2f}%)")
+
+    stats_loader = DataLoader(data.build_dataset(info, args, "train"), batch_size=args.stats_batch_size,
+                              shuffle=False, num_workers=args.workers)
+    t_stats = time.time()
+    sums = bnstats.collect(model, stats_loader, info.num_classes, device, impl=args.impl)
+    stats = bnstats.finalize(sums)
+    artifacts.save(paths.bn_stats, stats,
+                   artifacts.make_meta("squeeze-stats", args, info, upstream={"teacher": teacher_path},
+                                       wall_time_s=time.time() - t_stats, kernels=ops.resolve_impl(args.impl)))
+    print(f"[squeeze] wrote {paths.bn_stats} ({len(stats['layers'])} BN layers, "
+          f"{time.time() - t_stats:.1f}s statistics pass, {time.time() - t0:.1f}s total)")
+    return {"teacher": teacher_path, "bn_stats": paths.bn_stats}
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

@@ -1,0 +1,211 @@
+"""Stage outputs: where they live, what their `meta` says, atomic saving and safe loading.
+
+Every artifact is a dict saved with `torch.save` and loaded with `torch.load(weights_only=True)` only
+(tensors, numbers, strings, lists, dicts: nothing that can run code). Its `meta` entry records the
+format version, stage, dataset, ordered class list, resolution, image size, normalisation, the sha256
+of the upstream artifacts it was made from, the full args, seed, library versions and wall time.
+Writes go to a temporary file in the same directory and are renamed into place, so an interrupted
+stage never leaves a half-written artifact and an old file survives a failed write.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+from wmdd.cli import args_dict, fail
+
+FORMAT_VERSION = 1
+
+# Which stage writes each artifact, for the "run this first" hint of a missing file.
+_PRODUCER = {
+    "teacher.pt": "squeeze.py", "bn_stats.pt": "squeeze.py", "features.pt": "barycenter.py",
+    "barycenters.pt": "barycenter.py", "synthetic.pt": "recover.py",
+}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file of a run directory, named in one place."""
+    root: str
+
+    def _p(self, name):
+        return os.path.join(self.root, name)
+
+    @property
+    def teacher(self):
+        return self._p("teacher.pt")
+
+    @property
+    def squeeze_checkpoint(self):
+        return self._p("squeeze_checkpoint.pt")
+
+    @property
+    def bn_stats(self):
+        return self._p("bn_stats.pt")
+
+    @property
+    def features(self):
+        return self._p("features.pt")
+
+    @property
+    def barycenters(self):
+        return self._p("barycenters.pt")
+
+    @property
+    def synthetic(self):
+        return self._p("synthetic.pt")
+
+    @property
+    def images(self):
+        return self._p("images")
+
+    @property
+    def labels(self):
+        return self._p("labels")
+
+    @property
+    def shards(self):
+        return self._p("shards")
+
+    @property
+    def results_json(self):
+        return self._p("results.json")
+
+    @property
+    def results_md(self):
+        return self._p("results.md")
+
+
+def run_paths(out: str) -> RunPaths:
+    return RunPaths(out)
+
+
+_sha_cache: dict = {}
+
+
+def sha256_file(path) -> str:
+    """sha256 of a file's bytes (cached per path, size and mtime within the process)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _sha_cache[key] = h.hexdigest()
+    return _sha_cache[key]
+
+
+def library_versions() -> dict:
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import torchvision
+        versions["torchvision"] = torchvision.__version__
+    except Exception:
+        pass
+    try:
+        import ot
+        versions["pot"] = ot.__version__
+    except Exception:
+        pass
+    from wmdd import __version__
+    versions["wmdd"] = __version__
+    return versions
+
+
+def make_meta(stage: str, args, info, upstream: dict | None = None, **extra) -> dict:
+    """The `meta` entry of an artifact. `upstream` maps names to the files it was made from."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "dataset": info.name,
+        "classes": list(info.classes),
+        "resolution": int(info.resolution),
+        "image_size": int(info.image_size),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "upstream": {name: sha256_file(p) for name, p in (upstream or {}).items()},
+        "args": args_dict(args) if args is not None else {},
+        "seed": getattr(args, "seed", None),
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    meta.update(extra)
+    return meta
+
+
+def save(path, payload: dict, meta: dict) -> str:
+    """Atomically write {**payload, "meta": meta} to path (temp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    obj = dict(payload)
+    obj["meta"] = meta
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"could not write {path} ({e}). Nothing was replaced: any earlier {os.path.basename(path)} "
+             "is intact. Free disk space or fix the directory's permissions, then rerun.")
+    return path
+
+
+def load(path, stage: str | None = None, allow_plain: bool = False) -> dict:
+    """Load an artifact safely (weights_only=True). A missing, truncated, corrupt or unsafe file, or one
+    from another stage, is a UserError naming the file and the fix."""
+    name = os.path.basename(str(path))
+    producer = _PRODUCER.get(name, "the stage that writes it")
+    if not os.path.isfile(path):
+        fail(f"{path} does not exist. Run {producer} with the same --out first (or point the flag at the file).")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        fail(f"refused to load {path}: it holds Python objects that weights_only loading does not allow "
+             f"({str(e).splitlines()[0][:200]}). Only load artifacts from sources you trust; "
+             f"regenerate it with {producer}.")
+    except Exception as e:  # truncated zip, bad magic number, ...
+        fail(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+             f"Delete it and rerun {producer}.")
+    if not isinstance(obj, dict):
+        fail(f"{path} is not a wmdd artifact (a {type(obj).__name__}, not a dict). Regenerate it with {producer}.")
+    if "meta" not in obj:
+        if allow_plain:
+            return obj
+        fail(f"{path} has no `meta` entry: it was not written by wmdd. Regenerate it with {producer}.")
+    meta = obj["meta"]
+    if meta.get("format_version") != FORMAT_VERSION:
+        fail(f"{path} has artifact format {meta.get('format_version')}, this code reads {FORMAT_VERSION}. "
+             f"Regenerate it with {producer}.")
+    if stage is not None and meta.get("stage") != stage:
+        fail(f"{path} was written by the {meta.get('stage')!r} stage, expected {stage!r}.")
+    return obj
+
+
+def check_compatible(meta: dict, info, path, upstream: dict | None = None) -> None:
+    """Refuse an artifact made for another dataset, class order or resolution, or from other upstream
+    files than the ones given (`upstream` maps a name in meta['upstream'] to the current file)."""
+    checks = [("dataset", meta.get("dataset"), info.name, "--dataset"),
+              ("resolution", meta.get("resolution"), info.resolution, "--resolution")]
+    for what, found, expected, flag in checks:
+        if found != expected:
+            fail(f"{path} was made for {what} {found!r}, but this run uses {expected!r}. Pass the matching "
+                 f"{flag}, or regenerate the file (or use another --out).")
+    if list(meta.get("classes", [])) != list(info.classes):
+        found = meta.get("classes", [])
+        diff = next((i for i, (a, b) in enumerate(zip(found, info.classes)) if a != b), min(len(found), len(info.classes)))
+        fail(f"{path} was made with another class list or order ({len(found)} classes; first difference at "
+             f"index {diff}) than the dataset at {info.data_dir} ({info.num_classes} classes). Use the same "
+             "--data-dir it was made from, or regenerate the file.")
+    for name, current in (upstream or {}).items():
+        recorded = meta.get("upstream", {}).get(name)
+        if recorded is not None and recorded != sha256_file(current):
+            fail(f"{path} was made from another {os.path.basename(current)} than the one at {current} "
+                 f"(sha256 {recorded[:12]}... vs {sha256_file(current)[:12]}...): the {name} changed since. "
+                 f"Rerun the stage that writes {os.path.basename(str(path))} so both come from the same {name}.")

@@ -1,0 +1,412 @@
+"""Dataset registry: presets, on-disk layouts, transforms and the paper's per-stage defaults.
+
+Each preset knows its classes (or how to read them), protocol resolution(s), normalisation, the
+teacher architecture and stem, and the defaults every stage takes when its flag is not given
+(DESIGN §1 "Settings that produced the paper's numbers"). Stages call::
+
+    info = data.resolve(args)                  # validates the dataset, fills args.resolution
+    data.preset_defaults(args, "recover")      # fills flags left at None from the preset
+    ds = data.build_dataset(info, args, split="train", augment=False)
+
+Layouts read as they are released (no restructuring step):
+
+- ``tiny``: Tiny-ImageNet-200: ``wnids.txt``, ``train/<wnid>/images/*.JPEG``, ``val/images/*.JPEG`` and
+  ``val/val_annotations.txt`` (file, wnid, box). Class order: sorted wnids. ``--resolution 224`` (WMDD's
+  released protocol: 64 px images upsampled to 224, stem conv 3x3 s2 p3, no maxpool) or ``64``
+  (SRe2L/RDED: stem conv 3x3 s1 p1, no maxpool).
+- ``imagenette`` (imagenette2), ``imagenet`` (ILSVRC-2012), ``folder`` (your own data): ``train/<class>/*``
+  and ``val/<class>/*`` image folders; class order: sorted folder names of train/.
+- ``cifar10``, ``cifar100``: torchvision's datasets under --data-dir (``--download`` to fetch them).
+- ``digits``: scikit-learn's 1797 real 8x8 handwritten digits, shipped with scikit-learn (no download),
+  upsampled to 16 or 32 px, fixed stratified 80/20 train/val split: the embedded CPU-size dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image
+from torch.utils.data import Dataset
+
+from wmdd.cli import fail
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+# Defaults shared by the ImageNet-like presets; each preset overrides what differs (DESIGN §1 table).
+_PAPER_STAGES = {
+    # teacher: ResNet-18, 50 ep, SGD lr 0.025, bs 32, cosine, wd 1e-4
+    "squeeze": dict(epochs=50, lr=0.025, batch_size=32, weight_decay=1e-4),
+    # barycenter: k = IPC, uniform weights, exact EMD (the released ot.lp.free_support_barycenter)
+    "barycenter": dict(solver="exact", weights="uniform"),
+    # recover: 2000 it, bs 100, Adam(0.5, 0.9), cosine; lr and lambda per dataset below
+    "recover": dict(iterations=2000, batch_size=100, lr=0.25, lambda_bn=10.0, r_ce=0.0),
+    # relabel / evaluate: 300 ep, bs 100, T = 20, AdamW(1e-3, wd 0.01)
+    "relabel": dict(epochs=300, batch_size=100),
+    "evaluate": dict(epochs=300, batch_size=100, lr=1e-3, weight_decay=0.01, temperature=20.0),
+}
+
+
+def _stages(**overrides) -> dict:
+    stages = {k: dict(v) for k, v in _PAPER_STAGES.items()}
+    for stage, values in overrides.items():
+        stages[stage].update(values)
+    return stages
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    resolutions: tuple            # allowed protocol resolutions; the first is the default
+    mean: tuple
+    std: tuple
+    arch: str                     # teacher architecture
+    stems: dict                   # resolution -> stem name (see wmdd.models)
+    layout: str                   # human description of the expected on-disk layout
+    stages: dict = field(default_factory=_stages)
+    num_classes: int | None = None  # None: read from disk
+    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop scale used by every augmenting stage
+    flip: bool = True                # horizontal flips are label-preserving (not for digits)
+    needs_data_dir: bool = True
+
+
+_FOLDER_LAYOUT = "{root}/train/<class>/<image> and {root}/val/<class>/<image> (one folder per class)"
+
+PRESETS = {
+    "digits": Preset(
+        "digits", (16, 32), (0.305, 0.305, 0.305), (0.376, 0.376, 0.376), "convnet",
+        {16: "small", 32: "small"}, "built in (scikit-learn's load_digits): no --data-dir needed",
+        # CPU-size recipe: a minute of teacher training reaches ~97%; short recover / evaluate.
+        stages=_stages(squeeze=dict(epochs=15, lr=0.05, batch_size=64, weight_decay=5e-4),
+                       recover=dict(iterations=300, lr=0.1, lambda_bn=10.0, batch_size=100),
+                       relabel=dict(epochs=60, batch_size=100),
+                       evaluate=dict(epochs=60, batch_size=100)),
+        num_classes=10, crop_scale=(0.25, 1.0), flip=False, needs_data_dir=False),
+    "tiny": Preset(
+        "tiny", (224, 64), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "tiny224", 64: "small"},
+        "{root}/wnids.txt, {root}/train/<wnid>/images/*.JPEG, {root}/val/images/*.JPEG and "
+        "{root}/val/val_annotations.txt (the raw tiny-imagenet-200 release, unmodified)",
+        stages=_stages(recover=dict(lr=0.1, lambda_bn=300.0)), num_classes=200),
+    "imagenette": Preset(
+        "imagenette", (224,), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "imagenet"},
+        _FOLDER_LAYOUT + " as in imagenette2 (wnid folder names)",
+        stages=_stages(recover=dict(lr=0.25, lambda_bn=10.0)), num_classes=10),
+    "imagenet": Preset(
+        "imagenet", (224,), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "imagenet"},
+        _FOLDER_LAYOUT + " as in ILSVRC-2012 (val/ sorted into wnid folders)",
+        stages=_stages(recover=dict(lr=0.25, lambda_bn=500.0)), num_classes=1000),
+    # CIFAR is not in the WMDD paper: the recover values are the ImageNette ones, to be tuned.
+    "cifar10": Preset(
+        "cifar10", (32,), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), "resnet18", {32: "small"},
+        "torchvision's CIFAR-10 files under {root} (cifar-10-batches-py/); pass --download to fetch",
+        num_classes=10),
+    "cifar100": Preset(
+        "cifar100", (32,), (0.5071, 0.4865, 0.4409), (0.267, 0.256, 0.276), "resnet18", {32: "small"},
+        "torchvision's CIFAR-100 files under {root} (cifar-100-python/); pass --download to fetch",
+        num_classes=100),
+    "folder": Preset(
+        "folder", (224, 64, 32), IMAGENET_MEAN, IMAGENET_STD, "resnet18",
+        {224: "imagenet", 64: "small", 32: "small"}, _FOLDER_LAYOUT),
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A preset resolved against the data on disk: what every artifact's meta records."""
+    name: str
+    data_dir: str | None
+    classes: tuple                # ordered class names; class index = position
+    resolution: int               # protocol resolution (--resolution)
+    image_size: int               # model input size in pixels
+    mean: tuple
+    std: tuple
+    arch: str
+    stem: str
+    crop_scale: tuple
+    flip: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] -> the model's input space."""
+        return (x01 - self._stat(self.mean, x01)) / self._stat(self.std, x01)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._stat(self.std, x) + self._stat(self.mean, x)
+
+    @staticmethod
+    def _stat(values, like):
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        fail(f"unknown --dataset {name!r}; choose one of: {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+def preset_defaults(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """Fill every stage flag left at None with the preset's (paper) value."""
+    preset = get_preset(args.dataset)
+    for key, value in preset.stages.get(stage, {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def _layout_error(preset: Preset, root, problem: str):
+    fail(f"{problem}. The {preset.name!r} dataset is expected as "
+         f"{preset.layout.format(root=root or '<data-dir>')}. Point --data-dir at that root "
+         "(or choose another --dataset).")
+
+
+def _list_images(folder: str) -> list:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _tiny_classes(root: str) -> tuple:
+    wnids_file = os.path.join(root, "wnids.txt")
+    if not os.path.isfile(wnids_file):
+        _layout_error(PRESETS["tiny"], root, f"{wnids_file} does not exist")
+    with open(wnids_file) as fh:
+        wnids = sorted({line.strip() for line in fh if line.strip()})
+    if not wnids:
+        _layout_error(PRESETS["tiny"], root, f"{wnids_file} lists no class")
+    return tuple(wnids)
+
+
+def _folder_classes(preset: Preset, root: str) -> tuple:
+    train = os.path.join(root, "train")
+    if not os.path.isdir(train):
+        _layout_error(preset, root, f"{train} is not a directory")
+    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+    if not classes:
+        _layout_error(preset, root, f"{train} holds no class folder")
+    return tuple(classes)
+
+
+def resolve(args: argparse.Namespace) -> DatasetInfo:
+    """Check the dataset exists in the expected layout and resolve the preset against it.
+    Fills args.resolution when it was None."""
+    preset = get_preset(args.dataset)
+    root = args.data_dir
+    if preset.needs_data_dir:
+        if not root:
+            _layout_error(preset, root, f"--dataset {preset.name} needs --data-dir")
+        if not os.path.isdir(root):
+            _layout_error(preset, root, f"the data directory {root} does not exist")
+    if args.resolution is None:
+        args.resolution = preset.resolutions[0]
+    if args.resolution not in preset.resolutions:
+        fail(f"--resolution {args.resolution} is not a protocol of --dataset {preset.name}; "
+             f"choose one of {list(preset.resolutions)}.")
+
+    if preset.name == "digits":
+        classes = tuple(str(d) for d in range(10))
+    elif preset.name == "tiny":
+        classes = _tiny_classes(root)
+    elif preset.name in ("cifar10", "cifar100"):
+        classes = tuple(_cifar(preset.name, root, train=False, download=getattr(args, "download", False)).classes)
+    else:
+        classes = _folder_classes(preset, root)
+    if preset.num_classes is not None and preset.name in ("imagenette", "imagenet") \
+            and len(classes) != preset.num_classes:
+        print(f"note: {root}/train has {len(classes)} class folders; the {preset.name} preset expects "
+              f"{preset.num_classes}. Continuing with the folders found.")
+
+    image_size = args.resolution
+    return DatasetInfo(name=preset.name, data_dir=root, classes=classes, resolution=args.resolution,
+                       image_size=image_size, mean=preset.mean, std=preset.std, arch=preset.arch,
+                       stem=preset.stems[args.resolution], crop_scale=preset.crop_scale, flip=preset.flip)
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms
+
+
+def source_size(info: DatasetInfo) -> int | None:
+    """Native image size of the stored files when known (tiny: 64, digits: 8 -> upsampled, cifar: 32)."""
+    return {"tiny": 64, "cifar10": 32, "cifar100": 32}.get(info.name)
+
+
+def train_transform(info: DatasetInfo) -> T.Compose:
+    """Teacher training: RandomResizedCrop + flip at the model input size (tiny 224: upsampled 64 px)."""
+    steps = [T.ToImage(), T.ToDtype(torch.float32, scale=True),
+             T.RandomResizedCrop(info.image_size, scale=info.crop_scale, antialias=True)]
+    if info.flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps.append(T.Normalize(info.mean, info.std))
+    return T.Compose(steps)
+
+
+def eval_transform(info: DatasetInfo) -> T.Compose:
+    """Validation / statistics / features: resize 256 + centre crop 224 for full-size ImageNet-like
+    images; a plain resize to the model input for small images (tiny 64 -> 224, or 64 as is)."""
+    steps = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+    if info.name in ("imagenette", "imagenet") or (info.name == "folder" and info.image_size >= 128):
+        steps += [T.Resize(int(round(info.image_size * 256 / 224)), antialias=True), T.CenterCrop(info.image_size)]
+    else:
+        steps += [T.Resize((info.image_size, info.image_size), antialias=True)]
+    steps.append(T.Normalize(info.mean, info.std))
+    return T.Compose(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+
+
+class ImageList(Dataset):
+    """(path, label) pairs read with PIL as RGB; `targets` lists the labels."""
+
+    def __init__(self, samples: list, classes: tuple, transform=None):
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        return (self.transform(image) if self.transform else image), label
+
+
+class TensorImages(Dataset):
+    """Images already in memory as float [N, 3, H, W] in [0, 1]; the transform sees the tensor."""
+
+    def __init__(self, images: torch.Tensor, targets: list, classes: tuple, transform=None):
+        self.images = images
+        self.targets = list(targets)
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+def _tiny_samples(info: DatasetInfo, split: str) -> list:
+    root, index = info.data_dir, {c: i for i, c in enumerate(info.classes)}
+    preset = PRESETS["tiny"]
+    samples = []
+    if split == "train":
+        for wnid in info.classes:
+            folder = os.path.join(root, "train", wnid, "images")
+            if not os.path.isdir(folder):
+                _layout_error(preset, root, f"class {wnid} (in wnids.txt) has no folder {folder}")
+            samples += [(p, index[wnid]) for p in _list_images(folder)]
+    else:
+        annotations = os.path.join(root, "val", "val_annotations.txt")
+        if not os.path.isfile(annotations):
+            _layout_error(preset, root, f"{annotations} does not exist")
+        with open(annotations) as fh:
+            for line_no, line in enumerate(fh, 1):
+                parts = line.split("\t")
+                if len(parts) < 2:
+                    continue
+                file, wnid = parts[0].strip(), parts[1].strip()
+                if wnid not in index:
+                    _layout_error(preset, root, f"{annotations} line {line_no} names {wnid}, "
+                                                "which is not in wnids.txt")
+                samples.append((os.path.join(root, "val", "images", file), index[wnid]))
+        missing = [p for p, _ in samples if not os.path.isfile(p)]
+        if missing:
+            _layout_error(preset, root, f"{len(missing)} validation images listed in {annotations} "
+                                        f"are missing, e.g. {missing[0]}")
+    return samples
+
+
+def _folder_samples(info: DatasetInfo, split: str) -> list:
+    preset = PRESETS[info.name]
+    base = os.path.join(info.data_dir, split)
+    if not os.path.isdir(base):
+        _layout_error(preset, info.data_dir, f"{base} is not a directory")
+    samples = []
+    for i, c in enumerate(info.classes):
+        folder = os.path.join(base, c)
+        if not os.path.isdir(folder):
+            _layout_error(preset, info.data_dir, f"class {c} (a folder of train/) has no folder {folder}")
+        samples += [(p, i) for p in _list_images(folder)]
+    return samples
+
+
+def _cifar(name: str, root, train: bool, download: bool):
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        return cls(root, train=train, download=download)
+    except RuntimeError as e:
+        _layout_error(PRESETS[name], root, f"{name} was not found under {root} ({e})")
+
+
+def _digits(info: DatasetInfo, split: str) -> TensorImages:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # [N, 1, 8, 8]
+    targets = torch.tensor(digits.target)
+    train_idx, val_idx = train_test_split(torch.arange(len(targets)).numpy(), test_size=0.2,
+                                          stratify=targets.numpy(), random_state=0)
+    idx = torch.as_tensor(train_idx if split == "train" else val_idx)
+    x = torch.nn.functional.interpolate(images[idx], size=info.resolution, mode="bilinear",
+                                        align_corners=False).clamp_(0, 1).repeat(1, 3, 1, 1)
+    return TensorImages(x, targets[idx].tolist(), info.classes)
+
+
+def build_dataset(info: DatasetInfo, args: argparse.Namespace, split: str = "train", augment: bool = False):
+    """The real `split` ('train' or 'val') with the training (augment=True) or eval transform.
+    Items are (normalised float tensor [3, S, S], int label); `.targets` lists the labels."""
+    transform = train_transform(info) if augment else eval_transform(info)
+    if info.name == "digits":
+        ds = _digits(info, split)
+        ds.transform = transform
+    elif info.name == "tiny":
+        ds = ImageList(_tiny_samples(info, split), info.classes, transform)
+    elif info.name in ("cifar10", "cifar100"):
+        raw = _cifar(info.name, info.data_dir, train=split == "train", download=getattr(args, "download", False))
+        ds = CifarImages(raw, info.classes, transform)
+    else:
+        ds = ImageList(_folder_samples(info, split), info.classes, transform)
+    empty = [info.classes[c] for c in range(info.num_classes) if c not in set(ds.targets)]
+    if empty:
+        _layout_error(PRESETS[info.name], info.data_dir,
+                      f"the {split} split has no image for class(es) {', '.join(empty[:5])}"
+                      + (" ..." if len(empty) > 5 else ""))
+    return ds
+
+
+class CifarImages(Dataset):
+    """A torchvision CIFAR dataset with our transform and `targets`."""
+
+    def __init__(self, raw, classes: tuple, transform=None):
+        self.raw, self.classes, self.transform = raw, classes, transform
+        self.targets = list(raw.targets)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        image, label = self.raw[i]
+        return (self.transform(image) if self.transform else image), label
+
+
+def class_indices(targets, num_classes: int) -> list:
+    """For each class, the dataset indices of its images (in dataset order)."""
+    per_class = [[] for _ in range(num_classes)]
+    for i, t in enumerate(targets):
+        per_class[int(t)].append(i)
+    return per_class

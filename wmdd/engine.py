@@ -1,0 +1,25 @@
+"""Training-loop pieces that squeeze and evaluate share: validation accuracy and the loader seed."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def validate(model, loader, device, progress: bool = True, desc: str = "validate") -> dict:
+    """Top-1 and top-5 accuracy (percent) of `model` over `loader`."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        total += y.numel()
+    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling generator of one epoch: a resumed run draws the same order as an uninterrupted one."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)

@@ -1,0 +1,139 @@
+"""Architectures, stems, and the two views of a model every stage needs: its penultimate feature
+(the avgpool output, what the barycenters live on) and its BatchNorm layers in order.
+
+- ``resnet18|resnet50|resnet101``: torchvision's ResNets (state_dict keys are torchvision's) with a stem:
+  ``imagenet`` (7x7 s2 conv + maxpool, as torchvision), ``tiny224`` (WMDD's released Tiny-ImageNet
+  protocol at 224 px: conv 3x3 s2 p3, no maxpool), ``small`` (SRe2L/RDED at 64 px and CIFAR at 32 px:
+  conv 3x3 s1 p1, no maxpool).
+- ``convnet``: the field's standard ConvNet with BatchNorm: ``depth`` x [conv 3x3 (width) -> BN -> ReLU
+  -> avgpool 2], then a linear classifier on the flattened map (the CPU-size teacher/student).
+- ``vit_tiny``: torchvision's VisionTransformer (12 layers, 3 heads, 192 wide), for the cross-architecture
+  table. It has no BatchNorm, so it can be a student but not a WMDD teacher.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+ARCHES = ("resnet18", "resnet50", "resnet101", "convnet", "vit_tiny")
+STEMS = ("imagenet", "tiny224", "small")
+
+
+class ConvNet(nn.Module):
+    def __init__(self, num_classes: int, image_size: int, depth: int = 3, width: int = 128, channels: int = 3):
+        super().__init__()
+        layers, c, size = [], channels, image_size
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            c, size = width, size // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * size * size, num_classes)
+
+    def forward_features(self, x):
+        return self.features(x).flatten(1)
+
+    def forward(self, x):
+        return self.classifier(self.forward_features(x))
+
+
+def model_spec(arch: str, num_classes: int, stem: str, image_size: int) -> dict:
+    """The plain dict stored in teacher.pt that rebuilds the architecture."""
+    if arch not in ARCHES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHES}")
+    return {"arch": arch, "num_classes": int(num_classes), "stem": stem, "image_size": int(image_size)}
+
+
+def build_model(arch: str, num_classes: int, stem: str = "imagenet", image_size: int = 224) -> nn.Module:
+    if arch == "convnet":
+        return ConvNet(num_classes, image_size)
+    if arch == "vit_tiny":
+        patch = 16 if image_size >= 128 else (8 if image_size >= 64 else 4)
+        return torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch, num_layers=12,
+                                                    num_heads=3, hidden_dim=192, mlp_dim=768,
+                                                    num_classes=num_classes)
+    if arch not in ("resnet18", "resnet50", "resnet101"):
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHES}")
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if stem == "tiny224":
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=3, bias=False)
+        model.maxpool = nn.Identity()
+    elif stem == "small":
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif stem != "imagenet":
+        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+    return model
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    return build_model(spec["arch"], spec["num_classes"], spec["stem"], spec["image_size"])
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The feature the classifier reads: ResNet avgpool output, ConvNet flattened map, ViT class token."""
+    model = getattr(model, "module", model)  # DDP
+    if isinstance(model, torchvision.models.ResNet):
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+        return torch.flatten(model.avgpool(x), 1)
+    if isinstance(model, ConvNet):
+        return model.forward_features(x)
+    if isinstance(model, torchvision.models.VisionTransformer):
+        x = model._process_input(x)
+        x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return model.encoder(x)[:, 0]
+    raise TypeError(f"no penultimate-feature view for {type(model).__name__}")
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The head mapping penultimate features to logits."""
+    model = getattr(model, "module", model)
+    if isinstance(model, torchvision.models.ResNet):
+        return model.fc
+    if isinstance(model, ConvNet):
+        return model.classifier
+    if isinstance(model, torchvision.models.VisionTransformer):
+        return model.heads
+    raise TypeError(f"no classifier view for {type(model).__name__}")
+
+
+def bn_layers(model: nn.Module) -> list:
+    """(name, module) of every BatchNorm layer in forward order (downsample BNs included)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
+    """A DDP/compiled checkpoint's keys without their wrapper prefix."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def load_teacher(path, info, device="cpu", arch: str | None = None):
+    """(model in eval mode, artifact dict) from a teacher.pt written by squeeze, checked against `info`.
+
+    A plain torchvision-format state_dict (no `meta`) is accepted too: the architecture is then `arch`
+    (or the preset's) with the preset's stem, and the returned artifact has `meta` None."""
+    from wmdd import artifacts
+    from wmdd.cli import fail
+
+    artifact = artifacts.load(path, allow_plain=True)
+    if "meta" in artifact and "model" in artifact:
+        artifacts.check_compatible(artifact["meta"], info, path)
+        spec = artifact["model_args"]
+        state = artifact["model"]
+    else:
+        spec = model_spec(arch or info.arch, info.num_classes, info.stem, info.image_size)
+        state = strip_prefix(artifact.get("state_dict", artifact))
+        artifact = {"model": state, "model_args": spec, "meta": None}
+    model = build_from_spec(spec)
+    try:
+        model.load_state_dict(strip_prefix(state))
+    except RuntimeError as e:
+        fail(f"the teacher weights in {path} do not fit a {spec['arch']} with stem {spec['stem']} and "
+             f"{spec['num_classes']} classes ({str(e).splitlines()[0]}). Pass the matching --arch / "
+             "--dataset / --resolution, or retrain with squeeze.py.")
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, artifact
