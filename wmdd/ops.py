@@ -13,10 +13,17 @@ Conventions (shared by the reference and the kernels):
 - Dual potentials are in cost units: f = reg * log_u, g = reg * log_v (POT's `log_u`, `log_v`), so the
   plan is P[i, j] = exp((f[i] + g[j] - cost[i, j]) / reg). Padded columns get g = -inf (plan exactly 0).
 - One iteration updates g then f, as POT does; the stopping error is the L2 violation of the b-marginal,
-  checked every 10 iterations.
+  checked after iterations 1, 11, 21, ... (POT's `ii % 10 == 0`); each problem stops on its own.
+  Warm start: f_init (and g_init, which only matters when max_iter = 0) in cost units.
 
 Implementation choice: `--impl auto|ext|ref` (or $WMDD_IMPL). auto = ext when importable, else ref;
-ext without a usable build is a clear error.
+ext without a usable build is a clear error. The extension (csrc/, built by setup.py) is refused when it
+was built for another torch version. A CUDA tensor with a CPU-only build uses the reference under auto
+and is an error under ext.
+
+Kernels (csrc/): CPU C++ compiled for AVX-512, AVX2 and baseline x86-64, chosen at run time
+(`wmdd._C.cpu_isa()`; $WMDD_CPU_ISA forces one), threads over channels / problems; CUDA: atomics for the
+moments, one block per problem for Sinkhorn with every iteration and the stopping test on the device.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from wmdd.cli import fail
 _ext = None
 _ext_error: str | None = None
 _ext_tried = False
+BUILD_HINT = "pip install -e . --no-build-isolation"
 
 
 def _load_ext():
@@ -39,11 +47,48 @@ def _load_ext():
             _ext_error = "disabled by WMDD_NO_EXT=1"
         else:
             try:
-                from wmdd import _C  # noqa: F401  (registers torch.ops.wmdd.*)
-                _ext = _C
-            except Exception as e:  # not built, or built against another torch
+                from wmdd import _C  # registers torch.ops.wmdd.*
+            except Exception as e:  # not built, or built against another torch (missing symbols)
                 _ext_error = f"{type(e).__name__}: {e}"
+            else:
+                built_for = _C.torch_version()
+                if built_for != torch.__version__:
+                    _ext_error = (f"wmdd._C was built for torch {built_for} but torch {torch.__version__} is "
+                                  f"running; rebuild it with `{BUILD_HINT}`")
+                else:
+                    _register_fakes()
+                    _ext = _C
     return _ext
+
+
+def _register_fakes():
+    """Shape-only implementations, so torch.compile / opcheck can trace the operators."""
+    @torch.library.register_fake("wmdd::class_moments")
+    def _(x, y, num_classes):
+        c = x.shape[1]
+        return (x.new_empty((num_classes, c), dtype=torch.float64), x.new_empty((num_classes, c), dtype=torch.float64),
+                x.new_empty((num_classes,), dtype=torch.float64))
+
+    @torch.library.register_fake("wmdd::sinkhorn_log")
+    def _(cost, a, b, reg, max_iter, tol, f_init=None, g_init=None):
+        return a.new_empty(a.shape), b.new_empty(b.shape)
+
+    @torch.library.register_fake("wmdd::sinkhorn_log_ex")
+    def _(cost, a, b, reg, max_iter, tol, f_init=None, g_init=None):
+        bsz = cost.shape[0]
+        return (a.new_empty(a.shape), b.new_empty(b.shape), a.new_empty((bsz,), dtype=torch.long),
+                a.new_empty((bsz,), dtype=torch.float64))
+
+
+def ext_available() -> bool:
+    """True when the compiled kernels are importable and match the running torch."""
+    return _load_ext() is not None
+
+
+def ext_has_cuda() -> bool:
+    """True when the compiled kernels include the CUDA ones."""
+    ext = _load_ext()
+    return ext is not None and bool(ext.with_cuda())
 
 
 def resolve_impl(impl: str | None = None) -> str:
@@ -57,17 +102,31 @@ def resolve_impl(impl: str | None = None) -> str:
     if ext is None:
         if impl == "ext":
             fail("--impl ext was asked for, but the compiled kernels are not usable "
-                 f"({_ext_error}). Build them with `pip install -e . --no-build-isolation` "
+                 f"({_ext_error}). Build them with `{BUILD_HINT}` "
                  "(or `make install`), or use --impl ref.")
         return "ref"
     return "ext"
+
+
+def _impl_for(impl: str | None, device: torch.device) -> str:
+    """resolve_impl, and then: a CUDA tensor with a CPU-only build takes the reference under auto and
+    is an error under an explicit ext."""
+    active = resolve_impl(impl)
+    if active == "ext" and device.type != "cpu" and not (device.type == "cuda" and _ext.with_cuda()):
+        if (impl or os.environ.get("WMDD_IMPL", "auto")) == "ext":
+            fail(f"--impl ext was asked for on a {device.type} tensor, but this build of wmdd._C has only "
+                 f"CPU kernels. Rebuild with a CUDA toolkit and a visible GPU (or FORCE_CUDA=1): "
+                 f"`{BUILD_HINT}`; or use --impl auto / ref.")
+        return "ref"
+    return active
 
 
 def describe(impl: str | None = None) -> str:
     """One line for a stage's start-up banner: which implementation is active and why."""
     active = resolve_impl(impl)
     if active == "ext":
-        return "kernels: compiled extension wmdd._C"
+        cuda = "CUDA kernels" if _ext.with_cuda() else "no CUDA kernels (CUDA tensors use the reference)"
+        return f"kernels: compiled extension wmdd._C (CPU: {_ext.cpu_isa()}; {cuda})"
     return "kernels: reference (POT / plain torch)" + (f"; extension unavailable: {_ext_error}" if _ext_error else "")
 
 
@@ -93,8 +152,10 @@ def class_moments_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int):
 
 
 def class_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, impl: str | None = None):
-    if resolve_impl(impl) == "ext":
-        return torch.ops.wmdd.class_moments(x.detach().contiguous(), y.to(torch.long).contiguous(), num_classes)
+    """sum[K, C], sumsq[K, C], count[K] (float64) of x [N, C, *] per class y [N]; no gradient.
+    The kernel reads NCHW-contiguous and channels_last inputs as they are (no copy)."""
+    if _impl_for(impl, x.device) == "ext":
+        return torch.ops.wmdd.class_moments(x.detach(), y.to(device=x.device, dtype=torch.long), num_classes)
     return class_moments_reference(x, y, num_classes)
 
 
@@ -102,31 +163,44 @@ def class_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, impl: str 
 # batched log-domain Sinkhorn
 
 
-def sinkhorn_log_batched_reference(cost, a, b, reg, max_iter=1000, tol=1e-9, f_init=None, g_init=None):
+def sinkhorn_log_batched_reference(cost, a, b, reg, max_iter=1000, tol=1e-9, f_init=None, g_init=None,
+                                   return_info=False):
     """POT's sinkhorn_log per problem (torch backend: tensors stay on their device)."""
     import ot
 
     bsz, k, n = cost.shape
     f = torch.empty(bsz, k, dtype=cost.dtype, device=cost.device)
     g = torch.full((bsz, n), float("-inf"), dtype=cost.dtype, device=cost.device)
+    n_iter = torch.zeros(bsz, dtype=torch.long)
     for p in range(bsz):
         cols = b[p] > 0
         warm = None
-        if f_init is not None and g_init is not None:
-            warm = (f_init[p] / reg, g_init[p][cols] / reg)
+        if f_init is not None or g_init is not None:  # the first update (of v) only reads u
+            u0 = f_init[p] / reg if f_init is not None else torch.zeros_like(a[p])
+            v0 = g_init[p][cols] / reg if g_init is not None else torch.zeros_like(b[p][cols])
+            warm = (u0, v0)
         _, log = ot.bregman.sinkhorn_log(a[p], b[p][cols], cost[p][:, cols], reg, numItermax=max_iter,
                                          stopThr=tol, log=True, warn=False, warmstart=warm)
         f[p] = reg * log["log_u"]
         g[p, cols] = reg * log["log_v"]
-    return f, g
+        n_iter[p] = log["niter"] + 1
+    if not return_info:
+        return f, g
+    err = torch.linalg.vector_norm(sinkhorn_plan(cost, f, g, reg).sum(1) - b, dim=-1).double().cpu()
+    return f, g, {"n_iter": n_iter, "err": err}
 
 
 def sinkhorn_log_batched(cost, a, b, reg: float, max_iter: int = 1000, tol: float = 1e-9,
-                         f_init=None, g_init=None, impl: str | None = None):
-    """Dual potentials (f [B, k], g [B, N]) of B entropic OT problems; see the module docstring."""
-    if resolve_impl(impl) == "ext":
-        return torch.ops.wmdd.sinkhorn_log(cost, a, b, float(reg), int(max_iter), float(tol), f_init, g_init)
-    return sinkhorn_log_batched_reference(cost, a, b, reg, max_iter, tol, f_init, g_init)
+                         f_init=None, g_init=None, impl: str | None = None, return_info: bool = False):
+    """Dual potentials (f [B, k], g [B, N]) of B entropic OT problems; see the module docstring.
+
+    return_info=True adds a dict: n_iter [B] (iterations run) and err [B] (L2 b-marginal violation of
+    the returned potentials), both on the CPU."""
+    if _impl_for(impl, cost.device) == "ext":
+        f, g, n_iter, err = torch.ops.wmdd.sinkhorn_log_ex(cost, a, b, float(reg), int(max_iter), float(tol),
+                                                           f_init, g_init)
+        return (f, g, {"n_iter": n_iter.cpu(), "err": err.cpu()}) if return_info else (f, g)
+    return sinkhorn_log_batched_reference(cost, a, b, reg, max_iter, tol, f_init, g_init, return_info)
 
 
 def sinkhorn_plan(cost, f, g, reg):
