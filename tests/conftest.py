@@ -14,6 +14,9 @@ import shutil
 
 import numpy as np
 import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people; keep failure logs readable
+
 from PIL import Image
 
 import squeeze

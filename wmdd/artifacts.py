@@ -103,15 +103,15 @@ def sha256_file(path) -> str:
 
 
 def library_versions() -> dict:
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    versions = {"torch": str(torch.__version__), "python": platform.python_version()}
     try:
         import torchvision
-        versions["torchvision"] = torchvision.__version__
+        versions["torchvision"] = str(torchvision.__version__)
     except Exception:
         pass
     try:
         import ot
-        versions["pot"] = ot.__version__
+        versions["pot"] = str(ot.__version__)
     except Exception:
         pass
     from wmdd import __version__
@@ -167,8 +167,9 @@ def load(path, stage: str | None = None, allow_plain: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line), "")
         fail(f"refused to load {path}: it holds Python objects that weights_only loading does not allow "
-             f"({str(e).splitlines()[0][:200]}). Only load artifacts from sources you trust; "
+             f"({reason[:200]}). Nothing in it was run. Only load artifacts from sources you trust; "
              f"regenerate it with {producer}.")
     except Exception as e:  # truncated zip, bad magic number, ...
         fail(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "

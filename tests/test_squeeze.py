@@ -1,0 +1,233 @@
+"""Squeeze stage and the foundation it stands on: datasets, models, BN statistics, artifacts."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import squeeze
+from tests.conftest import copy_run, make_tiny_tree, run_stage
+from wmdd import artifacts, bnstats, cli, data, models
+
+
+def _cli_exit_code(module, argv) -> int:
+    with pytest.raises(SystemExit) as e:
+        cli.run(module.main, module.get_args_parser(), [str(a) for a in argv])
+    return e.value.code
+
+
+def _float64_stats(model, loader, num_classes):
+    """Independent oracle: keep every BN input in memory, then x[y == c] per class in float64."""
+    inputs = {name: [] for name, _ in models.bn_layers(model)}
+    handles = [m.register_forward_pre_hook(lambda mod, inp, name=name: inputs[name].append(inp[0].double()))
+               for name, m in models.bn_layers(model)]
+    labels = []
+    with torch.no_grad():
+        for x, y in loader:
+            model(x)
+            labels.append(y)
+    for h in handles:
+        h.remove()
+    y = torch.cat(labels)
+    out = {}
+    for name, chunks in inputs.items():
+        x = torch.cat(chunks)  # [N, C, H, W]
+        mean = torch.stack([x[y == c].mean(dim=(0, 2, 3)) for c in range(num_classes)])
+        var = torch.stack([x[y == c].var(dim=(0, 2, 3), unbiased=False) for c in range(num_classes)])
+        out[name] = (mean, var, x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
+    return out
+
+
+def test_digits_squeeze_artifacts_and_exact_bn_stats(digits_run):
+    paths = artifacts.run_paths(digits_run)
+    teacher = artifacts.load(paths.teacher, stage="squeeze")
+    stats = artifacts.load(paths.bn_stats, stage="squeeze-stats")
+    meta = teacher["meta"]
+    assert meta["dataset"] == "digits" and meta["classes"] == [str(d) for d in range(10)]
+    assert meta["resolution"] == 16 and meta["val_top1"] > 80  # 3 epochs; the default 15 reach ~97
+    assert stats["meta"]["upstream"]["teacher"] == artifacts.sha256_file(paths.teacher)
+
+    args = squeeze.get_args_parser().parse_args(["--dataset", "digits"])
+    info = data.resolve(args)
+    model, _ = models.load_teacher(paths.teacher, info)
+    loader = DataLoader(data.build_dataset(info, args, "train"), batch_size=200)
+    oracle = _float64_stats(model, loader, info.num_classes)
+    assert stats["layers"] == list(oracle)
+    for i, name in enumerate(stats["layers"]):
+        mean, var, g_mean, g_var = oracle[name]
+        torch.testing.assert_close(stats["mean"][i], mean, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stats["var"][i], var, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stats["global_mean"][i], g_mean, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stats["global_var"][i], g_var, rtol=1e-6, atol=1e-9)
+        assert stats["mean"][i].dtype == torch.float64
+
+
+def test_stats_only_accepts_plain_torchvision_state_dict(digits_run, tmp_path):
+    paths = artifacts.run_paths(digits_run)
+    state = artifacts.load(paths.teacher)["model"]
+    plain = tmp_path / "plain_state_dict.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, plain)  # as a DDP training script saves it
+    out = tmp_path / "run"
+    run_stage(squeeze, ["--dataset", "digits", "--stats-only", "--teacher", plain, "--out", out])
+    new = artifacts.load(artifacts.run_paths(out).bn_stats)
+    old = artifacts.load(paths.bn_stats)
+    for a, b in zip(new["mean"], old["mean"]):
+        torch.testing.assert_close(a, b)
+    assert os.path.exists(artifacts.run_paths(out).teacher)  # downstream stages get a teacher.pt with meta
+
+
+def test_squeeze_resumes_after_interruption_identically(tmp_path, monkeypatch):
+    """Kill the run right after epoch 1's checkpoint; the rerun resumes and ends as a straight run."""
+    tree = make_tiny_tree(tmp_path / "tiny", num_classes=3, train_per_class=4, val_per_class=1)
+    common = ["--dataset", "tiny", "--data-dir", tree["root"], "--resolution", "64", "--arch", "convnet",
+              "--batch-size", "4", "--seed", "3", "--epochs", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_stage(squeeze, common + ["--out", straight])
+
+    real_save = artifacts.save
+
+    def save_then_die(path, payload, meta):
+        real_save(path, payload, meta)
+        if path.endswith("squeeze_checkpoint.pt"):
+            raise KeyboardInterrupt("killed after the first epoch")
+    monkeypatch.setattr(artifacts, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(squeeze, common + ["--out", resumed])
+    monkeypatch.undo()
+    assert not os.path.exists(artifacts.run_paths(resumed).teacher)
+    run_stage(squeeze, common + ["--out", resumed])
+    a = artifacts.load(artifacts.run_paths(straight).teacher)["model"]
+    b = artifacts.load(artifacts.run_paths(resumed).teacher)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+    # a checkpoint from another recipe is refused with a clear message, not silently resumed
+    changed = common[:-1] + ["3"]
+    assert _cli_exit_code(squeeze, changed + ["--out", resumed]) == 2
+
+
+@pytest.mark.parametrize("resolution", [64, 224])
+def test_tiny_raw_layout_squeeze(tmp_path, resolution):
+    tree = make_tiny_tree(tmp_path / "tiny-imagenet-200", num_classes=3, train_per_class=4, val_per_class=2)
+    out = tmp_path / f"run{resolution}"
+    run_stage(squeeze, ["--dataset", "tiny", "--data-dir", tree["root"], "--resolution", resolution,
+                        "--arch", "convnet", "--epochs", "1", "--batch-size", "6", "--out", out])
+    meta = artifacts.load(artifacts.run_paths(out).teacher)["meta"]
+    assert meta["classes"] == tree["wnids"]  # sorted, although wnids.txt is shuffled
+    assert meta["resolution"] == resolution and meta["image_size"] == resolution
+
+    args = squeeze.get_args_parser().parse_args(["--dataset", "tiny", "--data-dir", tree["root"],
+                                                 "--resolution", str(resolution)])
+    info = data.resolve(args)
+    val = data.build_dataset(info, args, "val")
+    assert len(val) == 3 * 2
+    for path, label in val.samples:  # every val image's class index is its annotation's wnid
+        assert info.classes[label] == tree["val_labels"][os.path.basename(path)]
+    x, _ = val[0]
+    assert x.shape == (3, resolution, resolution)
+
+
+def test_tiny_stems():
+    r224 = models.build_model("resnet18", 200, "tiny224", 224)
+    assert (r224.conv1.kernel_size, r224.conv1.stride, r224.conv1.padding) == ((3, 3), (2, 2), (3, 3))
+    assert isinstance(r224.maxpool, torch.nn.Identity)
+    r64 = models.build_model("resnet18", 200, "small", 64)
+    assert (r64.conv1.kernel_size, r64.conv1.stride, r64.conv1.padding) == ((3, 3), (1, 1), (1, 1))
+    x = torch.randn(2, 3, 64, 64)
+    r64.eval()
+    feats = models.penultimate(r64, x)
+    assert feats.shape == (2, 512)
+    torch.testing.assert_close(models.classifier(r64)(feats), r64(x))
+    assert len(models.bn_layers(r64)) == 20  # 17 + 3 downsample BNs
+
+
+@pytest.mark.parametrize("arch", ["convnet", "vit_tiny", "resnet50"])
+def test_penultimate_feeds_classifier(arch):
+    model = models.build_model(arch, 5, "small", 32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(models.classifier(model)(models.penultimate(model, x)), model(x))
+
+
+def test_bad_dataset_input_exits_2_with_message(tmp_path, capsys):
+    assert _cli_exit_code(squeeze, ["--dataset", "tiny", "--out", tmp_path / "o"]) == 2
+    assert "needs --data-dir" in capsys.readouterr().err
+    assert _cli_exit_code(squeeze, ["--dataset", "tiny", "--data-dir", tmp_path / "nope"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    wrong = tmp_path / "wrong"
+    (wrong / "train").mkdir(parents=True)
+    assert _cli_exit_code(squeeze, ["--dataset", "tiny", "--data-dir", wrong]) == 2
+    err = capsys.readouterr().err
+    assert "wnids.txt" in err and "val_annotations.txt" in err  # names the expected layout
+
+    tree = make_tiny_tree(tmp_path / "t", num_classes=2, train_per_class=2, val_per_class=1)
+    folder = os.path.join(tree["root"], "train", tree["wnids"][0], "images")
+    for f in os.listdir(folder):
+        os.remove(os.path.join(folder, f))
+    assert _cli_exit_code(squeeze, ["--dataset", "tiny", "--data-dir", tree["root"], "--arch", "convnet",
+                                    "--epochs", "1", "--out", tmp_path / "o2"]) == 2
+    assert f"no image for class(es) {tree['wnids'][0]}" in capsys.readouterr().err
+
+
+def test_folder_preset_reads_imagefolder(folder_tree, tmp_path):
+    out = tmp_path / "run"
+    run_stage(squeeze, ["--dataset", "folder", "--data-dir", folder_tree["root"], "--resolution", "32",
+                        "--arch", "convnet", "--epochs", "1", "--out", out])
+    assert artifacts.load(artifacts.run_paths(out).bn_stats)["meta"]["classes"] == folder_tree["classes"]
+
+
+def test_artifacts_atomic_safe_and_checked(digits_run, tmp_path, monkeypatch):
+    run = copy_run(digits_run, tmp_path / "run")
+    paths = artifacts.run_paths(run)
+    before = open(paths.bn_stats, "rb").read()
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(cli.UserError, match="intact"):
+        artifacts.save(paths.bn_stats, {"x": 1}, {"format_version": 1})
+    monkeypatch.undo()
+    assert open(paths.bn_stats, "rb").read() == before  # the old file survived the failed write
+    assert not [f for f in os.listdir(run) if ".tmp-" in f]
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(before[: len(before) // 2])
+    with pytest.raises(cli.UserError, match="corrupt or truncated"):
+        artifacts.load(truncated)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    evil = tmp_path / "evil.pt"
+    torch.save({"meta": {}, "x": Evil()}, evil)
+    with pytest.raises(cli.UserError, match="refused to load"):
+        artifacts.load(evil)
+    assert not (tmp_path / "pwned").exists()
+
+    info = data.resolve(squeeze.get_args_parser().parse_args(["--dataset", "digits", "--resolution", "32"]))
+    meta = artifacts.load(paths.bn_stats)["meta"]
+    with pytest.raises(cli.UserError, match="resolution"):
+        artifacts.check_compatible(meta, info, paths.bn_stats)
+    info16 = data.resolve(squeeze.get_args_parser().parse_args(["--dataset", "digits"]))
+    other_teacher = tmp_path / "other.pt"
+    torch.save({"meta": {}}, other_teacher)
+    with pytest.raises(cli.UserError, match="sha256"):
+        artifacts.check_compatible(meta, info16, paths.bn_stats, upstream={"teacher": other_teacher})
+    artifacts.check_compatible(meta, info16, paths.bn_stats, upstream={"teacher": paths.teacher})
+
+
+def test_bnstats_finalize_pools_classes_into_global_stats():
+    model = models.build_model("convnet", 3, "small", 16).eval()
+    x, y = torch.randn(12, 3, 16, 16), torch.tensor([0, 1, 2, 0] * 3)
+    stats = bnstats.finalize(bnstats.collect(model, [(x, y)], 3, "cpu", progress=False))
+    assert stats["count"][0].tolist() == [6 * 256, 3 * 256, 3 * 256]  # samples of the class x H x W
+    pooled = (stats["mean"][0] * stats["count"][0][:, None]).sum(0) / stats["count"][0].sum()
+    torch.testing.assert_close(stats["global_mean"][0], pooled)
+    # the first BN sees conv1(x): its global mean is the float64 mean of that activation
+    act = model.features[0](x).double()
+    torch.testing.assert_close(stats["global_mean"][0], act.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(stats["global_var"][0], act.var(dim=(0, 2, 3), unbiased=False))
