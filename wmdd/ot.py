@@ -143,7 +143,7 @@ def kmeanspp_init(y: torch.Tensor, counts: torch.Tensor, k: int, seeds: Sequence
     ar = torch.arange(num_classes)
     idx = torch.empty(num_classes, k, dtype=torch.long)
     idx[:, 0] = (u[:, 0] * counts).long().clamp_max(counts - 1)
-    d2 = sqdist(y[ar, idx[:, 0]].unsqueeze(1).double(), y.double()).squeeze(1) * valid  # [C, N]
+    d2 = sqdist(y[ar, idx[:, 0]].unsqueeze(1), y).squeeze(1).double() * valid        # [C, N]
     for j in range(1, k):
         cdf = d2.cumsum(-1)
         total = cdf[:, -1]
@@ -151,7 +151,7 @@ def kmeanspp_init(y: torch.Tensor, counts: torch.Tensor, k: int, seeds: Sequence
         uniform = (u[:, j] * counts).long()
         pick = torch.where(total > 0, pick, uniform)  # all points already chosen: any point
         idx[:, j] = torch.minimum(pick, counts - 1)
-        new = sqdist(y[ar, idx[:, j]].unsqueeze(1).double(), y.double()).squeeze(1) * valid
+        new = sqdist(y[ar, idx[:, j]].unsqueeze(1), y).squeeze(1).double() * valid
         d2 = torch.minimum(d2, new)
     return y[ar.unsqueeze(1), idx].clone()
 
@@ -261,7 +261,7 @@ def _sinkhorn_barycenter(y, b, counts, x, w, *, learned: bool, reg: float, iters
                                           g_init=g[active] if warm else None, impl=impl)
         if learned:
             for _ in range(md_steps):
-                step = md_step / eps
+                step = md_step
                 logw = torch.log(wa) - step * (fa - fa.mean(-1, keepdim=True))
                 wa = torch.softmax(logw, -1).clamp_min(1e-30)
                 wa = wa / wa.sum(-1, keepdim=True)
