@@ -30,10 +30,12 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from wmdd import artifacts, bnstats, cli, data, engine, models, ops
+from wmdd import artifacts, bnstats, cli, data, dist, engine, models, ops
 
 
 def get_args_parser():
@@ -54,8 +56,9 @@ def get_args_parser():
     return p
 
 
-def train_teacher(args, info, device, paths) -> tuple:
-    """SGD + cosine, validated every epoch; resumes from squeeze_checkpoint.pt. Returns (model, val top-1)."""
+def train_teacher(args, info, device, paths, world) -> tuple:
+    """SGD + cosine, validated every epoch; resumes from squeeze_checkpoint.pt. Returns (model, val top-1).
+    Under torchrun: DistributedDataParallel, --batch-size split across ranks, rank 0 validates and saves."""
     model = models.build_model(args.arch, info.num_classes, info.stem, info.image_size).to(device)
     train_set = data.build_dataset(info, args, "train", augment=True)
     val_loader = DataLoader(data.build_dataset(info, args, "val"), batch_size=args.stats_batch_size,
@@ -65,6 +68,8 @@ def train_teacher(args, info, device, paths) -> tuple:
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
     criterion = nn.CrossEntropyLoss()
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.enabled else model
 
     # What must match for a checkpoint to be resumed.
     recipe = {k: getattr(args, k) for k in ("arch", "epochs", "lr", "batch_size", "weight_decay", "momentum", "seed")}
@@ -81,16 +86,23 @@ def train_teacher(args, info, device, paths) -> tuple:
         start_epoch, val = ckpt["epoch"], ckpt["val"]
         print(f"[squeeze] resuming from {paths.squeeze_checkpoint} after epoch {start_epoch}")
 
-    epochs = tqdm(range(start_epoch, args.epochs), desc="teacher epochs", initial=start_epoch, total=args.epochs)
+    epochs = tqdm(range(start_epoch, args.epochs), desc="teacher epochs", initial=start_epoch, total=args.epochs,
+                  disable=not world.is_main)
     for epoch in epochs:
-        model.train()
-        torch.manual_seed(args.seed * 100_003 + epoch)  # augmentation draws of this epoch
-        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=False,
-                            num_workers=args.workers, generator=engine.epoch_generator(args.seed, epoch))
+        net.train()
+        torch.manual_seed(args.seed * 100_003 + epoch * world.size + world.rank)  # this epoch's augmentation
+        if world.enabled:
+            sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=args.seed)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(train_set, batch_size=max(1, args.batch_size // world.size), sampler=sampler,
+                                num_workers=args.workers)
+        else:
+            loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                generator=engine.epoch_generator(args.seed, epoch))
         running, seen = 0.0, 0
-        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False):
+        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not world.is_main):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = criterion(model(x), y)
+            loss = criterion(net(x), y)
             if not torch.isfinite(loss):
                 cli.fail(f"the teacher's loss became {loss.item()} in epoch {epoch + 1}. Lower --lr; the last "
                          f"finished epoch is kept in {paths.squeeze_checkpoint}.")
@@ -100,14 +112,16 @@ def train_teacher(args, info, device, paths) -> tuple:
             scheduler.step()
             running += loss.item() * y.numel()
             seen += y.numel()
-        val = engine.validate(model, val_loader, device)
-        epochs.set_postfix(loss=f"{running / seen:.3f}", val_top1=f"{val['top1']:.2f}")
-        print(f"[squeeze] epoch {epoch + 1}/{args.epochs} train loss {running / seen:.4f} "
-              f"val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f}")
-        artifacts.save(paths.squeeze_checkpoint,
-                       {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "val": val, "recipe": recipe},
-                       artifacts.make_meta("squeeze-checkpoint", args, info))
+        if world.is_main:
+            val = engine.validate(model, val_loader, device)
+            epochs.set_postfix(loss=f"{running / seen:.3f}", val_top1=f"{val['top1']:.2f}")
+            print(f"[squeeze] epoch {epoch + 1}/{args.epochs} train loss {running / seen:.4f} "
+                  f"val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f}")
+            artifacts.save(paths.squeeze_checkpoint,
+                           {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "val": val, "recipe": recipe},
+                           artifacts.make_meta("squeeze-checkpoint", args, info))
+        dist.barrier(world)
     return model, val["top1"]
 
 
@@ -117,39 +131,50 @@ def main(args):
     data.preset_defaults(args, "squeeze")
     args.arch = args.arch or info.arch
     args.out = cli.default_out(args)
-    device = cli.resolve_device(args.device)
+    world, device = dist.setup(cli.resolve_device(args.device))
     cli.seed_everything(args.seed)
-    cli.print_config("squeeze", args, classes=info.num_classes, stem=info.stem, image_size=info.image_size,
-                     device_resolved=str(device), kernels=ops.describe(args.impl))
+    if world.is_main:
+        cli.print_config("squeeze", args, classes=info.num_classes, stem=info.stem, image_size=info.image_size,
+                         device_resolved=str(device), world_size=world.size, kernels=ops.describe(args.impl))
     paths = artifacts.run_paths(args.out)
 
     if args.stats_only:
         teacher_path = args.teacher or paths.teacher
         model, teacher = models.load_teacher(teacher_path, info, device, arch=args.arch)
-        if teacher["meta"] is None:  # a plain state_dict: give the run a teacher.pt with meta
+        if teacher["meta"] is None and world.is_main:  # a plain state_dict: give the run a teacher.pt with meta
             artifacts.save(paths.teacher, {"model": model.state_dict(), "model_args": teacher["model_args"]},
                            artifacts.make_meta("squeeze", args, info, source=os.path.abspath(teacher_path),
                                                val_top1=None, arch=teacher["model_args"]["arch"]))
             teacher_path = paths.teacher
     else:
-        model, val_top1 = train_teacher(args, info, device, paths)
+        model, val_top1 = train_teacher(args, info, device, paths, world)
         spec = models.model_spec(args.arch, info.num_classes, info.stem, info.image_size)
-        artifacts.save(paths.teacher, {"model": model.state_dict(), "model_args": spec},
-                       artifacts.make_meta("squeeze", args, info, val_top1=val_top1, arch=args.arch,
-                                           wall_time_s=time.time() - t0))
+        if world.is_main:
+            artifacts.save(paths.teacher, {"model": model.state_dict(), "model_args": spec},
+                           artifacts.make_meta("squeeze", args, info, val_top1=val_top1, arch=args.arch,
+                                               wall_time_s=time.time() - t0))
+            print(f"[squeeze] wrote {paths.teacher} (val top-1 {val_top1:.2f}%)")
         teacher_path = paths.teacher
-        print(f"[squeeze] wrote {paths.teacher} (val top-1 {val_top1:.2f}%)")
+    dist.barrier(world)
 
-    stats_loader = DataLoader(data.build_dataset(info, args, "train"), batch_size=args.stats_batch_size,
-                              shuffle=False, num_workers=args.workers)
+    # Statistics pass: each rank sums its contiguous block of the training set; the sums add up exactly.
+    train_eval = data.build_dataset(info, args, "train")
+    shard = Subset(train_eval, dist.rank_slice(len(train_eval), world)) if world.enabled else train_eval
+    stats_loader = DataLoader(shard, batch_size=args.stats_batch_size, shuffle=False, num_workers=args.workers)
     t_stats = time.time()
-    sums = bnstats.collect(model, stats_loader, info.num_classes, device, impl=args.impl)
-    stats = bnstats.finalize(sums)
-    artifacts.save(paths.bn_stats, stats,
-                   artifacts.make_meta("squeeze-stats", args, info, upstream={"teacher": teacher_path},
-                                       wall_time_s=time.time() - t_stats, kernels=ops.resolve_impl(args.impl)))
-    print(f"[squeeze] wrote {paths.bn_stats} ({len(stats['layers'])} BN layers, "
-          f"{time.time() - t_stats:.1f}s statistics pass, {time.time() - t0:.1f}s total)")
+    sums = bnstats.collect(model, stats_loader, info.num_classes, device, impl=args.impl, progress=world.is_main)
+    for key in ("sum", "sumsq", "count"):
+        sums[key] = [dist.all_reduce_sum_(t.to(device), world).cpu() for t in sums[key]]
+    if world.is_main:
+        stats = bnstats.finalize(sums)
+        artifacts.save(paths.bn_stats, stats,
+                       artifacts.make_meta("squeeze-stats", args, info, upstream={"teacher": teacher_path},
+                                           wall_time_s=time.time() - t_stats, world_size=world.size,
+                                           kernels=ops.resolve_impl(args.impl)))
+        print(f"[squeeze] wrote {paths.bn_stats} ({len(stats['layers'])} BN layers, "
+              f"{time.time() - t_stats:.1f}s statistics pass, {time.time() - t0:.1f}s total)")
+    dist.barrier(world)
+    dist.teardown(world)
     return {"teacher": teacher_path, "bn_stats": paths.bn_stats}
 
 

@@ -1,0 +1,66 @@
+"""torchrun support shared by every stage: process group, rank facts, sums, sharding.
+
+`torchrun --nproc_per_node N <stage>.py ...` (or multi-node torchrun) sets WORLD_SIZE/RANK/LOCAL_RANK;
+`setup(device)` then joins the process group (nccl on CUDA, gloo on CPU) and pins each rank to its GPU.
+A plain `python <stage>.py` is a world of one, and every helper here is then a no-op.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: torch.device) -> tuple:
+    """Join the torchrun process group if there is one. Returns (world, this rank's device)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), device
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def all_reduce_sum_(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """In-place sum over ranks (float64 sums stay exact up to addition order)."""
+    if world.enabled:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(world: World) -> None:
+    if world.enabled:
+        torch_dist.barrier()
+
+
+def rank_slice(n: int, world: World) -> range:
+    """This rank's contiguous block of range(n): blocks differ in size by at most one, none repeats."""
+    per, extra = divmod(n, world.size)
+    start = world.rank * per + min(world.rank, extra)
+    return range(start, start + per + (1 if world.rank < extra else 0))
+
+
+def teardown(world: World) -> None:
+    if world.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
