@@ -133,7 +133,7 @@ def extension_setup():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     version_chars = ",".join(str(ord(ch)) for ch in torch.__version__)
-    cxx = ["-O3", f"-DWMDD_TORCH_VERSION_CHARS={version_chars}"]
+    cxx = ["-O3", "-g0", f"-DWMDD_TORCH_VERSION_CHARS={version_chars}"]  # -g0: no debug info, faster build
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp-simd")  # the kernels' `#pragma omp simd` loops

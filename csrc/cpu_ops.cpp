@@ -83,8 +83,10 @@ void moments_cpu(const at::Tensor& x, bool channels_inner, int64_t n, int64_t c,
   const int64_t threads = at::get_num_threads();
   const int64_t total = n * c * s;
   const int64_t kc = num_classes * c;
-  // Work below this many values runs on the calling thread: starting threads costs more.
-  const bool serial = threads <= 1 || total < (int64_t{1} << 15) || at::in_parallel_region();
+  // Below ~1M values (a few hundred microseconds on one core) the calling thread does it alone: a
+  // parallel region costs microseconds on an idle machine and milliseconds on a busy one (it waits for
+  // every thread to be scheduled), and these calls come from hooks during a forward pass.
+  const bool serial = threads <= 1 || total < (int64_t{1} << 20) || at::in_parallel_region();
   // Channels split across threads (no two threads write the same output) unless there are too few
   // channels to share; then samples are split and every thread keeps partial sums.
   const bool by_channel = c >= (channels_inner ? 16 : 2) * threads;

@@ -60,10 +60,10 @@ MOMENT_CASES = [
     ((9, 17, 3, 5), 4, None),
     ((12, 33), 5, None),
     ((6, 10, 1, 1), 3, None),
-    ((40, 70, 6, 6), 7, None),
-    ((3000, 3, 4, 4), 6, None),
-    ((16, 40, 5, 5), 3, torch.channels_last),
-    ((200, 9, 6, 6), 4, torch.channels_last),
+    ((300, 70, 8, 8), 7, None),
+    ((30000, 3, 4, 4), 6, None),
+    ((500, 40, 8, 8), 3, torch.channels_last),
+    ((4000, 9, 6, 6), 4, torch.channels_last),
     ((7, 19, 1, 3), 2, torch.channels_last),
 ]
 
