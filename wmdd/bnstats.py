@@ -87,3 +87,67 @@ def finalize(sums: dict) -> dict:
         out["global_mean"].append(g_mean)
         out["global_var"].append((sq.sum(0) / total - g_mean * g_mean).clamp_min(0))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# recover: the differentiable per-class (or global) moments of a batch and the matching loss
+
+
+class _GroupMoments(torch.autograd.Function):
+    """(mean, biased var) [G, C] of x [G*m, C, *] over (the m samples of each group, spatial positions),
+    in float32 whatever x's dtype. The backward is the closed form dx = gmean/n + 2 gvar (x - mean)/n
+    as one fused multiply-add (autograd's var_mean backward takes several passes over x)."""
+
+    @staticmethod
+    def forward(ctx, x, groups: int):
+        xg = x.float().view(groups, x.shape[0] // groups, x.shape[1], -1)
+        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0)
+        ctx.save_for_backward(x, mean)
+        ctx.groups = groups
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        x, mean = ctx.saved_tensors
+        groups, channels = ctx.groups, x.shape[1]
+        xg = x.float().view(groups, x.shape[0] // groups, channels, -1)
+        n = xg.shape[1] * xg.shape[3]
+        if grad_mean is None:
+            grad_mean = torch.zeros_like(mean)
+        if grad_var is None:
+            grad_var = torch.zeros_like(mean)
+        a = grad_var * (2.0 / n)
+        b = grad_mean / n - a * mean
+        gx = torch.addcmul(b.view(groups, 1, channels, 1), xg, a.view(groups, 1, channels, 1))
+        return gx.view(x.shape).to(x.dtype), None
+
+
+def group_moments(x: torch.Tensor, groups: int = 1):
+    """Differentiable per-group BatchNorm-input statistics, for recover's BN matching loss.
+
+    x: a BN layer's input [N, C, *] whose N samples form `groups` consecutive equal groups (recover's
+    class-major batches: group g = the images of the g-th class of the batch; groups=1: the whole batch,
+    SRe2L's global statistics). Returns (mean, var) [groups, C] float32: the mean and biased variance of
+    each channel over (samples of the group, spatial positions), as `finalize` defines them for real data.
+    """
+    if x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} samples does not split into {groups} equal groups")
+    return _GroupMoments.apply(x, groups)
+
+
+def merge_moments(n_a, mean_a, var_a, n_b, mean_b, var_b):
+    """(mean, var) of the union of two sample sets given each one's count, mean and biased variance
+    (Chan et al.'s pairwise update). Differentiable; recover uses it to add the detached statistics of a
+    class's other chunks to the chunk being back-propagated, so per-class statistics cover all its images."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = var_a * n_a + var_b * n_b + delta * delta * (n_a * n_b / n)
+    return mean, m2 / n
+
+
+def bn_match_loss(mean, var, target_mean, target_var):
+    """WMDD's BN term for one layer: mean over groups of ||mean_g - target_g||_2 + ||var_g - target_g||_2
+    (mean, var, targets [G, C]). With G = 1 and the global statistics this is SRe2L's R_BN term."""
+    return (torch.linalg.vector_norm(mean - target_mean, dim=1).mean()
+            + torch.linalg.vector_norm(var - target_var, dim=1).mean())
