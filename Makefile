@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.wmdd-installed
 # Anything that changes what `pip install -e .` builds re-runs the install.
 INSTALL_DEPS := pyproject.toml setup.py $(wildcard csrc/*)
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench clean cuda-check
 
 install: $(STAMP)
 
@@ -31,6 +31,15 @@ demo: install
 
 bench: install
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# Compile the CUDA kernels (FORCE_CUDA=1, one architecture) into a throw-away directory: catches CUDA
+# build errors on machines without a GPU; the CPU build in the venv is untouched. Needs nvcc.
+CUDA_CHECK_DIR ?= build/cuda-check
+cuda-check: install
+	rm -rf $(CUDA_CHECK_DIR)
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="$${MAX_JOBS:-2}" \
+		$(PY) setup.py -q build_ext --build-temp $(CUDA_CHECK_DIR)/tmp --build-lib $(CUDA_CHECK_DIR)/lib
+	test -n "$$(ls $(CUDA_CHECK_DIR)/lib/wmdd/_C*.so)" && rm -rf $(CUDA_CHECK_DIR) && echo "cuda-check: CUDA kernels compile"
 
 clean:
 	rm -rf build *.egg-info wmdd/*.so
