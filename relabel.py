@@ -1,0 +1,149 @@
+"""Stage 4 - relabel: the teacher's soft labels on every augmented batch the student will see (FKD style).
+
+    python relabel.py --dataset digits --ipc 10 --out runs/digits
+    python relabel.py --dataset imagenet --data-dir /data/imagenet --ipc 10 --out runs/in1k --topk 100
+    python relabel.py ... --epochs-range 0:150     # one shard of the epochs (another runs 150:300)
+
+For each of --epochs epochs, the synthetic images (`synthetic.pt` from recover) are cut into batches
+of --batch-size by a seeded permutation; every batch gets RandomResizedCrop (the preset's scale,
+0.08-1 for the paper presets) + horizontal flip (when the preset allows it) + CutMix (lambda ~
+Beta(1, 1)), all drawn from a generator seeded by (--seed, epoch, batch) (wmdd/augment.py), and the
+teacher's logits on that exact batch are stored. evaluate.py recomputes the same batches from the same
+seeds, so no crop box, flip, CutMix index or lambda is stored; one 8-byte digest per batch lets the
+replay check itself. Defaults are the paper's (300 epochs, batch 100, or 10 * IPC when IPC < 10);
+the digits preset is shorter.
+
+Storage (wmdd/softlabels.py): `labels/manifest.pt` (settings, teacher and synthetic sha256, class
+labels, barycenter weights) and one `labels/epoch_XXXX.pt` per epoch with the logits in fp16, or with
+--topk K only the K largest per image (+ their class indices and the mean of the others), and with
+--precision int8 as 8-bit codes. Rerunning skips epochs already written with the same settings, so an
+interrupted run resumes, and shards (--epochs-range) fill one directory.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from wmdd import artifacts, augment, cli, data, models, softlabels, subsets
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("relabel: FKD-style soft labels on replayable augmented batches",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_common_args(p, ipc=True)
+    g = p.add_argument_group("relabel (unset: the preset's value)")
+    g.add_argument("--epochs", type=int, default=None, help="label sets: one per student epoch")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch; evaluate must use the same (preset: 100, or 10 * IPC if IPC < 10)")
+    g.add_argument("--epochs-range", default=None,
+                   help="a:b computes only epochs a..b-1 (0-based) of --epochs, to shard the work")
+    g.add_argument("--topk", type=int, default=None,
+                   help="store the K largest logits per image and their indices (default: all logits)")
+    g.add_argument("--precision", default="fp16", choices=softlabels.PRECISIONS,
+                   help="stored values: fp16, or int8 codes of a per-image affine map")
+    g.add_argument("--no-cutmix", action="store_true", help="crops and flips only")
+    g.add_argument("--teacher", default=None, help="teacher checkpoint (default <out>/teacher.pt)")
+    g.add_argument("--synthetic", default=None, help="synthetic set (default <out>/synthetic.pt)")
+    return p
+
+
+def parse_epochs_range(text, epochs: int) -> range:
+    if epochs < 1:
+        cli.fail(f"--epochs must be at least 1, got {epochs}.")
+    if text is None:
+        return range(epochs)
+    try:
+        a, b = (int(v) for v in str(text).split(":"))
+    except ValueError:
+        cli.fail(f"--epochs-range {text!r} is not of the form a:b (e.g. 0:150).")
+    if not 0 <= a < b <= epochs:
+        cli.fail(f"--epochs-range {text} must satisfy 0 <= a < b <= --epochs ({epochs}).")
+    return range(a, b)
+
+
+def label_settings(args, info, syn, spec, teacher_path, synthetic_path) -> dict:
+    """What the stored labels depend on; evaluate replays from exactly these."""
+    return {"epochs": int(args.epochs), "batch_size": int(args.batch_size), "seed": int(args.seed),
+            "num_images": len(syn), "num_classes": info.num_classes,
+            "augment": spec.as_dict(), "topk": args.topk, "precision": args.precision,
+            "teacher_sha256": artifacts.sha256_file(teacher_path),
+            "synthetic_sha256": artifacts.sha256_file(synthetic_path)}
+
+
+@torch.no_grad()
+def relabel_epochs(teacher, dataset, plan, epochs, settings, labels_dir, info, device, workers=0):
+    """Teacher logits on every batch of `epochs`; one compressed file per epoch."""
+    todo = [e for e in epochs if not softlabels.epoch_is_current(labels_dir, e, settings)]
+    if len(todo) < len(epochs):
+        print(f"[relabel] {len(epochs) - len(todo)} of {len(epochs)} epochs already stored with these "
+              "settings: skipped")
+    if not todo:
+        return 0
+    loader = DataLoader(dataset, batch_size=None, sampler=augment.ReplaySampler(plan, todo), num_workers=workers)
+    entries, digests, stored_bytes = [], [], 0
+    bar = tqdm(loader, desc="relabel", total=len(todo) * plan.batches_per_epoch)
+    for item in bar:
+        logits = teacher(item["x"].to(device, non_blocking=True))
+        if not torch.isfinite(logits).all():
+            cli.fail(f"the teacher produced non-finite logits on epoch {item['epoch']} batch {item['batch']}. "
+                     "Check the teacher checkpoint (squeeze.py) and the synthetic images.")
+        entries.append(softlabels.encode(logits, settings["topk"], settings["precision"]))
+        digests.append(item["digest"])
+        if item["batch"] == plan.batches_per_epoch - 1:
+            entry = softlabels.concat(entries)
+            softlabels.write_epoch(labels_dir, item["epoch"], entry, torch.tensor(digests, dtype=torch.int64),
+                                   settings, info.name)
+            stored_bytes += softlabels.entry_nbytes(entry) + 8 * len(digests)
+            entries, digests = [], []
+            bar.set_postfix(epoch=item["epoch"] + 1, kib=f"{stored_bytes / 1024:.0f}")
+    return stored_bytes
+
+
+def main(args):
+    t0 = time.time()
+    info = data.resolve(args)
+    subsets.default_batch_size(args)
+    data.preset_defaults(args, "relabel")
+    args.out = cli.default_out(args)
+    device = cli.resolve_device(args.device)
+    cli.seed_everything(args.seed)
+    paths = artifacts.run_paths(args.out)
+    teacher_path = args.teacher or paths.teacher
+    synthetic_path = args.synthetic or paths.synthetic
+    epochs = parse_epochs_range(args.epochs_range, args.epochs)
+    if args.batch_size < 1:
+        cli.fail(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.topk is not None and args.topk < 1:
+        cli.fail(f"--topk must be at least 1, got {args.topk}.")
+    cli.print_config("relabel", args, classes=info.num_classes, image_size=info.image_size,
+                     crop_scale=info.crop_scale, flip=info.flip, device_resolved=str(device),
+                     labels_dir=paths.labels, epochs_here=f"{epochs.start}:{epochs.stop}")
+
+    syn = subsets.load_synthetic(synthetic_path, info, args.ipc, teacher_path)
+    teacher, _ = models.load_teacher(teacher_path, info, device)
+    spec = augment.spec_for(info, source_size=syn.images.shape[-1], cutmix=not args.no_cutmix)
+    plan = augment.ReplayPlan(len(syn), args.batch_size, args.seed)
+    settings = label_settings(args, info, syn, spec, teacher_path, synthetic_path)
+    meta = artifacts.make_meta("relabel", args, info, upstream={"teacher": teacher_path, "synthetic": synthetic_path},
+                               batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                               barycenter_weights="payload `weights`",
+                               weights_uniform=bool(torch.allclose(syn.weights, syn.weights.mean())),
+                               augment=spec.as_dict(), topk=args.topk, precision=args.precision)
+    softlabels.write_manifest(paths.labels, settings, syn.labels, syn.weights, meta)
+
+    dataset = augment.ReplayDataset(syn.images, plan, spec, info.mean, info.std)
+    stored = relabel_epochs(teacher, dataset, plan, list(epochs), settings, paths.labels, info, device, args.workers)
+    per_image_epoch = softlabels.bytes_per_image(info.num_classes, args.topk, args.precision)
+    fkd = softlabels.fkd_bytes_per_batch(info.num_classes, args.batch_size) / args.batch_size
+    print(f"[relabel] wrote {len(epochs)} epoch(s) x {plan.batches_per_epoch} batch(es) of soft labels to "
+          f"{paths.labels} ({stored / 1024:.1f} KiB payload this run; {per_image_epoch} B per image-epoch vs "
+          f"{fkd:.0f} B in the FKD format) in {time.time() - t0:.1f}s")
+    return {"labels": paths.labels, "settings": settings}
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

@@ -1,0 +1,181 @@
+"""Compact storage of the teacher's soft labels (relabel writes, evaluate reads, bench measures).
+
+A label set is a directory (`run_paths(out).labels`)::
+
+    labels/manifest.pt        settings every epoch shares: batch size, epochs, seed, augmentation spec,
+                              compression, teacher / synthetic sha256, class labels, barycenter weights
+    labels/epoch_0000.pt      one file per epoch: the compressed logits of every image of every batch,
+                              in replay order (batch 0's images, then batch 1's, ...), and one 8-byte
+                              digest of each batch's augmentation draws
+
+Nothing about the augmentation is stored beyond the digest: it is replayed from (seed, epoch, batch)
+(wmdd/augment.py). The logits are compressed per image with `encode`:
+
+- `topk=None, precision="fp16"`: every logit in fp16 (FKD's format minus the augmentation record).
+- `topk=k`: the k largest logits and their class indices (uint8 / int16 / int32 by class count), plus
+  one fp16 `tail` value, the mean of the other logits, which `decode` writes into the other classes.
+- `precision="int8"`: values as uint8 codes of an affine map per image (fp16 `lo` and `step`):
+  value = lo + code * step. The error is at most step / 2 = (max - min) / 510 of that image's values.
+
+`decode` always returns float32 logits [n, C], so the loss code never sees the compression.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+PRECISIONS = ("fp16", "int8")
+
+
+def index_dtype(num_classes: int) -> torch.dtype:
+    if num_classes <= 256:
+        return torch.uint8
+    if num_classes <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+def _quantize(v: torch.Tensor) -> dict:
+    lo = v.min(dim=1).values
+    step = (v.max(dim=1).values - lo) / 255.0
+    lo16, step16 = lo.half(), step.half()
+    safe = torch.where(step16.float() > 0, step16.float(), torch.ones_like(step))
+    code = torch.round((v - lo16.float()[:, None]) / safe[:, None]).clamp_(0, 255).to(torch.uint8)
+    return {"code": code, "lo": lo16, "step": step16}
+
+
+def _dequantize(entry: dict) -> torch.Tensor:
+    return entry["lo"].float()[:, None] + entry["code"].float() * entry["step"].float()[:, None]
+
+
+def encode(logits: torch.Tensor, topk: int | None = None, precision: str = "fp16") -> dict:
+    """Compress float logits [n, C] (any device) to a dict of small CPU tensors."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    logits = logits.detach().float().cpu()
+    n, C = logits.shape
+    if topk is None or topk >= C:
+        values, entry = logits, {}
+    else:
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        values, idx = logits.topk(topk, dim=1)
+        rest = (logits.sum(dim=1) - values.sum(dim=1)) / (C - topk)
+        entry = {"indices": idx.to(index_dtype(C)), "tail": rest.half()}
+    if precision == "fp16":
+        entry["values"] = values.half()
+    else:
+        entry.update(_quantize(values))
+    return entry
+
+
+def decode(entry: dict, num_classes: int) -> torch.Tensor:
+    """float32 logits [n, C] from an `encode` dict (or a slice of one, see `slice_entry`)."""
+    values = entry["values"].float() if "values" in entry else _dequantize(entry)
+    if "indices" not in entry:
+        return values
+    dense = entry["tail"].float()[:, None].expand(values.shape[0], num_classes).clone()
+    return dense.scatter_(1, entry["indices"].long(), values)
+
+
+def concat(entries: list) -> dict:
+    return {k: torch.cat([e[k] for e in entries]) for k in entries[0]}
+
+
+def slice_entry(entry: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in entry.items()}
+
+
+def entry_nbytes(entry: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in entry.values())
+
+
+def bytes_per_image(num_classes: int, topk: int | None = None, precision: str = "fp16") -> int:
+    """Payload bytes one image-epoch takes in our format (the batch digest, 8 bytes per batch, and the
+    per-file container overhead come on top; bench/bench_labels.py measures both)."""
+    k = num_classes if topk is None or topk >= num_classes else topk
+    value_bytes = 2 * k if precision == "fp16" else k + 4          # codes + fp16 lo + fp16 step
+    if k == num_classes:
+        return value_bytes
+    return value_bytes + k * torch.empty(0, dtype=index_dtype(num_classes)).element_size() + 2  # + tail
+
+
+def fkd_bytes_per_batch(num_classes: int, batch_size: int) -> int:
+    """Payload bytes of one FKD/SRe2L batch record (`[coords, flip_status, mix_index, mix_lam, mix_bbox,
+    soft_label]`): float32 crop coords [n, 4], bool flips [n], int64 CutMix index [n], float64 lambda,
+    four int64 box corners, fp16 logits [n, C]."""
+    n = batch_size
+    return 16 * n + n + 8 * n + 8 + 4 * 8 + 2 * num_classes * n
+
+
+def epoch_path(labels_dir: str, epoch: int) -> str:
+    return os.path.join(labels_dir, f"epoch_{epoch:04d}.pt")
+
+
+def manifest_path(labels_dir: str) -> str:
+    return os.path.join(labels_dir, "manifest.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# the label directory
+
+
+def settings_key(settings: dict) -> str:
+    """Short fingerprint of the settings an epoch file was made with (stored in every epoch file)."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_manifest(labels_dir: str, settings: dict, labels: torch.Tensor, weights: torch.Tensor, meta: dict) -> str:
+    from wmdd import artifacts
+    meta = dict(meta, settings=settings, settings_key=settings_key(settings))
+    return artifacts.save(manifest_path(labels_dir), {"settings": settings, "labels": labels.cpu(),
+                                                      "weights": weights.cpu()}, meta)
+
+
+def read_manifest(labels_dir: str) -> dict:
+    from wmdd import artifacts
+    from wmdd.cli import fail
+    path = manifest_path(labels_dir)
+    if not os.path.isfile(path):
+        fail(f"{path} does not exist: no stored soft labels in {labels_dir}. Run relabel.py with the same "
+             "--out (and --ipc) first, or evaluate with --labels online (teacher on the fly) or --labels hard.")
+    return artifacts.load(path, stage="relabel")
+
+
+def write_epoch(labels_dir: str, epoch: int, entry: dict, digests: torch.Tensor, settings: dict, dataset: str) -> str:
+    """One epoch's compressed logits. Its meta is lean (the manifest holds the full meta): format
+    version, stage, dataset, epoch and the settings fingerprint."""
+    from wmdd import artifacts
+    meta = {"format_version": artifacts.FORMAT_VERSION, "stage": "relabel-epoch", "dataset": dataset,
+            "epoch": int(epoch), "settings_key": settings_key(settings)}
+    return artifacts.save(epoch_path(labels_dir, epoch), {"entry": entry, "digests": digests}, meta)
+
+
+def epoch_is_current(labels_dir: str, epoch: int, settings: dict) -> bool:
+    """True when the epoch file exists, loads, and was made with `settings` (resume skips it)."""
+    path = epoch_path(labels_dir, epoch)
+    if not os.path.isfile(path):
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return obj["meta"]["settings_key"] == settings_key(settings)
+    except Exception:
+        return False
+
+
+def read_epoch(labels_dir: str, epoch: int, settings: dict) -> dict:
+    from wmdd import artifacts
+    from wmdd.cli import fail
+    path = epoch_path(labels_dir, epoch)
+    if not os.path.isfile(path):
+        fail(f"{path} does not exist: the stored labels stop before epoch {epoch + 1} of "
+             f"{settings['epochs']}. Run relabel.py with the same flags (add --epochs-range {epoch}:"
+             f"{settings['epochs']} to compute only the missing ones).")
+    obj = artifacts.load(path, stage="relabel-epoch")
+    if obj["meta"].get("settings_key") != settings_key(settings):
+        fail(f"{path} was made with other relabel settings than {manifest_path(labels_dir)} (a shard or an "
+             "older run with other flags). Rerun relabel.py with one set of flags over all epochs.")
+    return obj

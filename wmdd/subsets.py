@@ -1,0 +1,99 @@
+"""The small image sets a student trains on, in one format: uint8 images [N, 3, S, S] (pixels 0-255,
+not normalised, class-major), int64 labels [N], float32 barycenter weights [N] (uniform: 1 / IPC).
+
+- `load_synthetic`: recover's `synthetic.pt`, checked against the dataset, the teacher and --ipc.
+- `random_real_subset`: IPC real training images per class drawn with a seeded generator, at the model
+  input size (eval transform), quantised to uint8 like the synthetic images: DD-Ranking's random baseline.
+- `default_batch_size`: the relabel / evaluate batch (DESIGN: 100, or 10 * IPC when IPC < 10).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from wmdd import artifacts, data
+from wmdd.cli import fail
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor   # uint8 [N, 3, S, S]
+    labels: torch.Tensor   # int64 [N]
+    weights: torch.Tensor  # float32 [N]
+    ipc: int
+    source: str            # file it came from, or a description
+    indices: list | None = None  # dataset indices of a real subset
+
+    def __len__(self):
+        return int(self.labels.numel())
+
+
+def default_batch_size(args) -> None:
+    """Fill args.batch_size when unset and IPC < 10 (10 * IPC); the preset fills the rest (100)."""
+    if getattr(args, "batch_size", None) is None and getattr(args, "ipc", None) is not None and args.ipc < 10:
+        args.batch_size = 10 * args.ipc
+
+
+def load_synthetic(path, info, ipc: int | None = None, teacher_path=None) -> ImageSet:
+    """recover's synthetic.pt, refused with a clear message when it does not fit this run."""
+    art = artifacts.load(path, stage="recover")
+    upstream = {"teacher": teacher_path} if teacher_path is not None and _exists(teacher_path) else None
+    artifacts.check_compatible(art["meta"], info, path, upstream=upstream)
+    missing = [k for k in ("images", "labels") if k not in art]
+    if missing:
+        fail(f"{path} has no {', '.join(missing)} entry: it is not a synthetic set written by recover.py. "
+             "Regenerate it with recover.py.")
+    images, labels = art["images"], art["labels"].to(torch.int64)
+    S = info.image_size
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        fail(f"{path} holds images {images.dtype} {tuple(images.shape)}; expected uint8 [N, 3, {S}, {S}]. "
+             "Regenerate it with recover.py.")
+    if tuple(images.shape[2:]) != (S, S):
+        fail(f"{path} holds {images.shape[2]}x{images.shape[3]} images, but this run's model input is {S}x{S} "
+             f"(--dataset {info.name} --resolution {info.resolution}). Pass the --resolution it was made "
+             "with, or regenerate it.")
+    if labels.numel() != images.shape[0] or labels.min() < 0 or labels.max() >= info.num_classes:
+        fail(f"{path} has {labels.numel()} labels for {images.shape[0]} images, or labels outside "
+             f"0..{info.num_classes - 1}. Regenerate it with recover.py.")
+    counts = torch.bincount(labels, minlength=info.num_classes)
+    found_ipc = int(art.get("ipc", counts.max().item()))
+    if ipc is not None and found_ipc != ipc:
+        fail(f"{path} holds {found_ipc} images per class, but --ipc is {ipc}. Pass --ipc {found_ipc}, or "
+             f"run recover.py with --ipc {ipc} (or use another --out).")
+    weights = art.get("weights")
+    if weights is None:
+        weights = torch.full((labels.numel(),), 1.0 / max(found_ipc, 1))
+    weights = weights.to(torch.float32).flatten()
+    if weights.numel() != labels.numel() or not torch.isfinite(weights).all() or (weights < 0).any() \
+            or weights.sum() <= 0:
+        fail(f"{path} has {weights.numel()} barycenter weights for {labels.numel()} images, or weights that "
+             "are negative or not finite. Regenerate it with recover.py.")
+    return ImageSet(images.contiguous(), labels, weights, found_ipc, str(path))
+
+
+def _exists(path) -> bool:
+    import os
+    return os.path.isfile(path)
+
+
+def random_real_subset(info, args, ipc: int, seed: int) -> ImageSet:
+    """IPC real training images of every class, chosen by a generator seeded with `seed`."""
+    ds = data.build_dataset(info, args, "train", augment=False)
+    per_class = data.class_indices(ds.targets, info.num_classes)
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    chosen, labels = [], []
+    for c, idx in enumerate(per_class):
+        if len(idx) < ipc:
+            fail(f"class {info.classes[c]} has only {len(idx)} training images, fewer than --ipc {ipc}: the "
+                 "random real baseline needs IPC images per class. Lower --ipc or pass --baseline none.")
+        pick = torch.randperm(len(idx), generator=g)[:ipc].sort().values
+        chosen += [idx[int(i)] for i in pick]
+        labels += [c] * ipc
+    images = torch.stack([_to_uint8(info, ds[i][0]) for i in chosen])
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), torch.full((len(labels),), 1.0 / ipc),
+                    ipc, f"random real subset (seed {seed})", chosen)
+
+
+def _to_uint8(info, x: torch.Tensor) -> torch.Tensor:
+    return info.denormalize(x).clamp(0, 1).mul(255).round().to(torch.uint8)
