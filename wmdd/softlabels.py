@@ -122,10 +122,13 @@ def manifest_path(labels_dir: str) -> str:
 
 
 def settings_key(settings: dict) -> str:
-    """Short fingerprint of the settings an epoch file was made with (stored in every epoch file)."""
+    """Short fingerprint of the settings an epoch file was made with (stored in every epoch file). The
+    total number of epochs is left out: epoch e's labels depend on (seed, e, batch) only, so a run
+    extended from 60 to 100 epochs keeps its first 60 files."""
     import hashlib
     import json
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    key = {k: v for k, v in settings.items() if k != "epochs"}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_manifest(labels_dir: str, settings: dict, labels: torch.Tensor, weights: torch.Tensor, meta: dict) -> str:

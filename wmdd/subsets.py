@@ -97,3 +97,12 @@ def random_real_subset(info, args, ipc: int, seed: int) -> ImageSet:
 
 def _to_uint8(info, x: torch.Tensor) -> torch.Tensor:
     return info.denormalize(x).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def save_as_synthetic(iset: ImageSet, path, info, args, teacher_path=None) -> str:
+    """Write any image set in recover's synthetic.pt format (e.g. a random real subset to relabel and
+    evaluate like a distilled set; the tests and the label benchmark use this)."""
+    upstream = {"teacher": teacher_path} if teacher_path is not None and _exists(teacher_path) else None
+    return artifacts.save(path, {"images": iset.images, "labels": iset.labels, "weights": iset.weights,
+                                 "ipc": iset.ipc},
+                          artifacts.make_meta("recover", args, info, upstream=upstream, source=iset.source))

@@ -1,0 +1,142 @@
+"""evaluate: the loss and its weighting, label sources, mismatch errors, and a 2-epoch end-to-end run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import evaluate
+import relabel
+from tests.conftest import copy_run, run_stage
+from tests.test_relabel import digits_info, make_synthetic
+from wmdd import artifacts, augment, cli, models, softlabels
+
+
+@pytest.fixture(scope="module")
+def labelled(digits_run, tmp_path_factory):
+    """synthetic.pt (non-uniform barycenter weights) + 2 epochs of stored labels, batch 100."""
+    out = copy_run(digits_run, tmp_path_factory.mktemp("labelled"))
+    w = torch.rand(100, generator=torch.Generator().manual_seed(0)) + 0.5
+    w = w / w.view(10, 10).sum(1).repeat_interleave(10)          # per-class weights sum to 1
+    make_synthetic(out, weights=w)
+    run_stage(relabel, ["--dataset", "digits", "--ipc", 10, "--out", out, "--epochs", 2])
+    return out
+
+
+def test_kl_is_the_released_loss_with_unit_weights():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g) * 3
+    T = 20.0
+    released = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1))
+    torch.testing.assert_close(evaluate.soft_kl(s, t, T, torch.ones(8)), released)
+
+
+def test_kl_weighting():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    w = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.25, 0.75])
+    per = [F.kl_div(F.log_softmax(s[i:i + 1] / 4, 1), F.softmax(t[i:i + 1] / 4, 1), reduction="sum") for i in range(6)]
+    expected = sum(w[i] * per[i] for i in range(6)) / 6
+    torch.testing.assert_close(evaluate.soft_kl(s, t, 4.0, w), expected)
+    # CutMix: an image's weight mixes its own and the pasted image's by area
+    norm = torch.tensor([0.5, 1.0, 1.5, 1.0])
+    got = evaluate.image_weights(norm, torch.tensor([2, 0, 3]), torch.tensor([1, 2, 0]), 0.75)
+    torch.testing.assert_close(got, torch.tensor([0.75 * 1.5 + 0.25 * 0.5, 0.75 * 0.5 + 0.25 * 1.0,
+                                                  0.75 * 1.0 + 0.25 * 1.5]))
+    # the hard-label loss is the CutMix-mixed CE, weighted the same way
+    y, y2 = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 0, 0, 0, 0, 0])
+    ce = 0.3 * F.cross_entropy(s, y, reduction="none") + 0.7 * F.cross_entropy(s, y2, reduction="none")
+    torch.testing.assert_close(evaluate.mixed_ce(s, y, y2, 0.3, w), (w * ce).mean())
+
+
+def test_weights_reach_the_loss(labelled, monkeypatch):
+    """The student's loss sees the barycenter weights normalised to mean 1, mixed by CutMix area."""
+    seen = []
+    real_kl = evaluate.soft_kl
+    monkeypatch.setattr(evaluate, "soft_kl", lambda s, t, T, w: seen.append(w.clone()) or real_kl(s, t, T, w))
+    syn = artifacts.load(artifacts.run_paths(labelled).synthetic)
+    run_stage(evaluate, ["--dataset", "digits", "--ipc", 10, "--out", labelled, "--epochs", 2, "--baseline", "none"])
+    norm = syn["weights"] / syn["weights"].mean()
+    settings = softlabels.read_manifest(artifacts.run_paths(labelled).labels)["settings"]
+    spec = augment.AugmentSpec.from_dict(settings["augment"])
+    plan = augment.ReplayPlan(100, 100, settings["seed"])
+    assert len(seen) == 2
+    for e in range(2):
+        p = augment.draw_batch(spec, plan.batch(e, 0), settings["seed"], e, 0)
+        expected = p.lam_area * norm[p.index] + (1 - p.lam_area) * norm[p.index][p.mix_index]
+        torch.testing.assert_close(seen[e], expected)
+        assert not torch.allclose(seen[e], torch.ones(100))
+
+
+def test_stored_equals_online_labels(labelled):
+    """The stored labels are the teacher's fp16 logits on the replayed batch: an online teacher with the
+    same compression gives the identical target, batch by batch."""
+    paths = artifacts.run_paths(labelled)
+    info = digits_info()
+    teacher, _ = models.load_teacher(paths.teacher, info)
+    settings = softlabels.read_manifest(paths.labels)["settings"]
+    plan = augment.ReplayPlan(100, 100, settings["seed"])
+    syn = artifacts.load(paths.synthetic)
+    ds = augment.ReplayDataset(syn["images"], plan, augment.AugmentSpec.from_dict(settings["augment"]),
+                               info.mean, info.std)
+    stored = evaluate.StoredLabels(paths.labels, settings, plan)
+    online = evaluate.OnlineLabels(teacher, 10, None, "fp16")
+    for e in range(2):
+        item = ds[(e, 0)]
+        assert torch.equal(stored.targets(item, item["x"]), online.targets(item, item["x"]))
+    tampered = dict(ds[(1, 0)], digest=ds[(1, 0)]["digest"] + 1)
+    with pytest.raises(cli.UserError, match="replayed augmentation of epoch 1 batch 0 differs"):
+        stored.targets(tampered, tampered["x"])
+
+
+def test_no_weight_decay_on_bn_and_bias():
+    model = models.build_model("resnet18", 10, "small", 32)
+    decay, no_decay = evaluate.param_groups(model, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert bn <= {id(p) for p in no_decay["params"]}
+    assert id(model.fc.bias) in {id(p) for p in no_decay["params"]}
+    assert id(model.fc.weight) in {id(p) for p in decay["params"]}
+
+
+@pytest.mark.parametrize("flag,value,what", [("--batch-size", 50, "batch_size 100"), ("--epochs", 5, "epochs 2")])
+def test_batch_size_or_epoch_mismatch_is_a_clear_error(labelled, flag, value, what):
+    argv = ["--dataset", "digits", "--ipc", 10, "--out", labelled, flag, value]
+    with pytest.raises(cli.UserError, match=f"differs from the stored labels' {what}"):
+        run_stage(evaluate, argv)
+    with pytest.raises(SystemExit) as e:
+        cli.run(evaluate.main, evaluate.get_args_parser(), [str(a) for a in argv])
+    assert e.value.code == 2
+
+
+def test_missing_labels_say_what_to_run(digits_run, tmp_path):
+    out = copy_run(digits_run, tmp_path / "run")
+    make_synthetic(out)
+    with pytest.raises(cli.UserError, match="Run relabel.py"):
+        run_stage(evaluate, ["--dataset", "digits", "--ipc", 10, "--out", out])
+
+
+def test_end_to_end_two_epochs(labelled, capsys):
+    report = run_stage(evaluate, ["--dataset", "digits", "--ipc", 10, "--out", labelled, "--seeds", 2,
+                                  "--baseline", "random", "--eval-every", 2])
+    keys = [r["key"] for r in report["runs"]]
+    assert keys == ["distilled/soft", "distilled/hard", "random/soft", "random/hard"]
+    for r in report["runs"]:
+        assert [x["seed"] for x in r["per_seed"]] == [0, 1]
+        assert all(0 <= x["top1"] <= x["top5"] <= 100 for x in r["per_seed"])
+        assert [h["epoch"] for h in r["per_seed"][0]["history"]] == [2]
+    m = report["metrics"]
+    acc = {r["key"]: [x["top1"] for x in r["per_seed"]] for r in report["runs"]}
+    assert m["IOR"]["per_seed"] == pytest.approx([a - b for a, b in zip(acc["distilled/soft"], acc["random/soft"])])
+    teacher_top1 = artifacts.load(artifacts.run_paths(labelled).teacher)["meta"]["val_top1"]
+    assert report["teacher_val_top1"] == teacher_top1
+    assert m["HLR"]["mean"] == pytest.approx(teacher_top1 - sum(acc["distilled/hard"]) / 2)
+    paths = artifacts.run_paths(labelled)
+    saved = json.load(open(paths.results_json))
+    assert saved["runs"][0]["per_seed"][1]["top1"] == report["runs"][0]["per_seed"][1]["top1"]
+    table = open(paths.results_md).read()
+    assert "IOR" in table and "HLR" in table and "random real" in table and "stand-in" in table
+    assert table in capsys.readouterr().out
