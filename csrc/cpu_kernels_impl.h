@@ -25,21 +25,36 @@ WMDD_INLINE float fmadd<float>(float a, float b, float c) {
 #endif
 }
 
-// exp(x) for x <= 0, branch-free so that loops calling it vectorise. Range reduction x = k ln2 + r,
-// |r| <= ln2 / 2, then a Taylor polynomial for exp(r) and 2^k put into the exponent bits. Results
-// below about exp(-708) (double) / exp(-86) (float) are returned as 0: callers only sum terms
-// relative to a maximum term of 1, so those are far below rounding. Accurate to ~1-2 ulp.
-static WMDD_INLINE double exp_nonpos(double x) {
-  const double lo = -708.0;
+// exp(x), branch-free so that loops calling it vectorise. x is clamped to [lo, hi] of Limits<T> (below
+// lo the result is 0): callers sum terms relative to a shift and detect sums that left the safe range.
+// Range reduction x = k ln2 + r, |r| <= ln2 / 2, a Taylor polynomial for exp(r), 2^k put into the
+// exponent bits. Accurate to ~1-2 ulp.
+template <typename T>
+struct Limits;
+template <>
+struct Limits<double> {
+  static constexpr double lo = -708.0, hi = 700.0;
+  // A shifted sum of exps in [sum_lo, sum_hi] (e^-300, e^300) is accurate: no term overflowed, and
+  // the terms lost below e^lo are < e^-400 of it.
+  static constexpr double sum_lo = 5.14820022872342e-131, sum_hi = 1.9424263952412558e+130;
+};
+template <>
+struct Limits<float> {
+  static constexpr float lo = -86.0f, hi = 80.0f;
+  static constexpr float sum_lo = 9.3576230e-14f, sum_hi = 1.0686475e+13f;  // e^-30, e^30
+};
+
+static WMDD_INLINE double exp_clamped(double x) {
   const double shift = 0x1.8p52;  // adding it rounds to an integer held in the low mantissa bits
-  double xc = x < lo ? lo : x;
+  double xc = x < Limits<double>::lo ? Limits<double>::lo : x;
+  xc = xc > Limits<double>::hi ? Limits<double>::hi : xc;
   double kd = fmadd(xc, 1.4426950408889634, shift);
   uint64_t ki;
   std::memcpy(&ki, &kd, sizeof ki);
   kd -= shift;
   double r = fmadd(kd, -6.93147180369123816490e-01, xc);  // ln2 high part: k * it is exact
   r = fmadd(kd, -1.90821492927058770002e-10, r);          // ln2 low part
-  double p = 1.0 / 479001600.0;                        // 1/12!
+  double p = 1.0 / 479001600.0;                             // 1/12!
   p = fmadd(p, r, 1.0 / 39916800.0);
   p = fmadd(p, r, 1.0 / 3628800.0);
   p = fmadd(p, r, 1.0 / 362880.0);
@@ -57,13 +72,13 @@ static WMDD_INLINE double exp_nonpos(double x) {
   pb += ki << 52;
   double res;
   std::memcpy(&res, &pb, sizeof res);
-  return res * static_cast<double>(x >= lo);  // a multiply, not a select: it vectorises everywhere
+  return res * static_cast<double>(x >= Limits<double>::lo);  // a multiply, not a select: vectorises everywhere
 }
 
-static WMDD_INLINE float exp_nonpos(float x) {
-  const float lo = -86.0f;
+static WMDD_INLINE float exp_clamped(float x) {
   const float shift = 0x1.8p23f;
-  float xc = x < lo ? lo : x;
+  float xc = x < Limits<float>::lo ? Limits<float>::lo : x;
+  xc = xc > Limits<float>::hi ? Limits<float>::hi : xc;
   float kf = fmadd(xc, 1.44269504f, shift);
   uint32_t ki;
   std::memcpy(&ki, &kf, sizeof ki);
@@ -83,7 +98,56 @@ static WMDD_INLINE float exp_nonpos(float x) {
   pb += ki << 23;
   float res;
   std::memcpy(&res, &pb, sizeof res);
-  return res * static_cast<float>(x >= lo);
+  return res * static_cast<float>(x >= Limits<float>::lo);
+}
+
+// log(x) for finite normal x > 0, branch-free (fdlibm's e_log.c / e_logf.c reduction and
+// polynomials): x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m from s = (m - 1) / (m + 1). ~1 ulp.
+static WMDD_INLINE double log_normal(double x) {
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  // Subtracting the bits of sqrt(1/2) puts the mantissa split at sqrt(1/2) (the trick of musl's log).
+  const uint64_t tmp = bits - 0x3fe6a09e667f3bcdULL;
+  const uint64_t mbits = bits - (tmp & (0xfffULL << 52));
+  double m;
+  std::memcpy(&m, &mbits, sizeof m);
+  // The exponent e = (signed) tmp >> 52 as a double, with unsigned 64-bit operations only (AVX2 has
+  // neither a 64-bit arithmetic shift nor an int64 -> double conversion): e + 2048 in the low bits of
+  // 2^52, then subtract.
+  const uint64_t ebits = (((tmp + (2048ULL << 52)) >> 52) | 0x4330000000000000ULL);
+  double dk;
+  std::memcpy(&dk, &ebits, sizeof dk);
+  dk -= 4503599627372544.0;  // 2^52 + 2048
+  const double f = m - 1.0;
+  const double hfsq = 0.5 * f * f;
+  const double s = f / (2.0 + f);
+  const double z = s * s;
+  const double w = z * z;
+  const double t1 = w * fmadd(w, fmadd(w, 1.531383769920937332e-01, 2.222219843214978396e-01), 3.999999999940941908e-01);
+  const double t2 = z * fmadd(w, fmadd(w, fmadd(w, 1.479819860511658591e-01, 1.818357216161805012e-01),
+                                       2.857142874366239149e-01), 6.666666666666735130e-01);
+  const double rr = t2 + t1;
+  return dk * 6.93147180369123816490e-01 - ((hfsq - (s * (hfsq + rr) + dk * 1.90821492927058770002e-10)) - f);
+}
+
+static WMDD_INLINE float log_normal(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t tmp = bits - 0x3f3504f3u;  // sqrt(1/2)
+  const int32_t e = static_cast<int32_t>(tmp) >> 23;
+  const uint32_t mbits = bits - (tmp & (0x1ffu << 23));
+  float m;
+  std::memcpy(&m, &mbits, sizeof m);
+  const float dk = static_cast<float>(e);
+  const float f = m - 1.0f;
+  const float hfsq = 0.5f * f * f;
+  const float s = f / (2.0f + f);
+  const float z = s * s;
+  const float w = z * z;
+  const float t1 = w * fmadd(w, 0.24279078841f, 0.40000972152f);
+  const float t2 = z * fmadd(w, 0.28498786688f, 0.66666662693f);
+  const float rr = t2 + t1;
+  return dk * 6.9314575195e-01f - ((hfsq - (s * (hfsq + rr) + dk * 1.4286067653e-06f)) - f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,51 +220,74 @@ static void moments_nsc(const T* x, const int64_t* y, int64_t n0, int64_t n1, in
 // ---------------------------------------------------------------------------------------------
 // Sinkhorn (log domain), one problem
 
+// Column pass over [j0, j1): lse_j = logsumexp_i(u_i - C_ij / reg). With have_shift, lse holds the
+// previous iteration's values on entry and they shift the exps, so one pass suffices (the column sums
+// of the current plan are ~b, hence lse changes little between iterations); a block whose shifted sums
+// leave the safe range (early iterations) is redone with the exact maximum as the shift.
 template <typename T>
 static double sinkhorn_cols(const T* cost, const T* u, const T* v, const T* b, int64_t k, int64_t n, int64_t j0,
-                            int64_t j1, T inv_reg, T* lse, T* scratch, bool check) {
+                            int64_t j1, T inv_reg, T* lse, T* scratch, bool check, bool have_shift) {
   const T ninv = -inv_reg;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t block = 1024;  // columns per block: the running max and sum stay in L1
+  const int64_t block = 1024;  // columns per block: the running sums stay in L1
   double err2 = 0.0;
   for (int64_t jb = j0; jb < j1; jb += block) {
     const int64_t je = jb + block < j1 ? jb + block : j1;
-    T* __restrict m = lse;
+    T* __restrict l = lse;
     T* __restrict acc = scratch;
-    for (int64_t j = jb; j < je; ++j) {
-      m[j] = neg_inf;
-      acc[j] = T(0);
-    }
-    for (int64_t i = 0; i < k; ++i) {
-      const T* __restrict row = cost + i * n;
-      const T ui = u[i];
+    bool ok = have_shift;
+    if (ok) {
+      for (int64_t j = jb; j < je; ++j) acc[j] = T(0);
+      for (int64_t i = 0; i < k; ++i) {
+        const T* __restrict row = cost + i * n;
+        const T ui = u[i];
 #pragma omp simd
-      for (int64_t j = jb; j < je; ++j) {
-        T t = fmadd(row[j], ninv, ui);
-        m[j] = t > m[j] ? t : m[j];
+        for (int64_t j = jb; j < je; ++j) acc[j] += exp_clamped(fmadd(row[j], ninv, ui) - l[j]);
+      }
+      for (int64_t j = jb; j < je; ++j) ok = ok && acc[j] >= Limits<T>::sum_lo && acc[j] <= Limits<T>::sum_hi;
+      if (ok) {
+#pragma omp simd
+        for (int64_t j = jb; j < je; ++j) l[j] += log_normal(acc[j]);
       }
     }
-    for (int64_t i = 0; i < k; ++i) {
-      const T* __restrict row = cost + i * n;
-      const T ui = u[i];
-#pragma omp simd
+    if (!ok) {
+      T* __restrict m = lse;
       for (int64_t j = jb; j < je; ++j) {
-        acc[j] += exp_nonpos(fmadd(row[j], ninv, ui) - m[j]);
+        m[j] = neg_inf;
+        acc[j] = T(0);
       }
+      for (int64_t i = 0; i < k; ++i) {
+        const T* __restrict row = cost + i * n;
+        const T ui = u[i];
+#pragma omp simd
+        for (int64_t j = jb; j < je; ++j) {
+          T t = fmadd(row[j], ninv, ui);
+          m[j] = t > m[j] ? t : m[j];
+        }
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const T* __restrict row = cost + i * n;
+        const T ui = u[i];
+#pragma omp simd
+        for (int64_t j = jb; j < je; ++j) acc[j] += exp_clamped(fmadd(row[j], ninv, ui) - m[j]);
+      }
+      for (int64_t j = jb; j < je; ++j) m[j] = m[j] == neg_inf ? neg_inf : m[j] + log_normal(acc[j]);
     }
-    for (int64_t j = jb; j < je; ++j) {
-      const T mj = m[j];
-      const T l = mj == neg_inf ? neg_inf : mj + std::log(acc[j]);
-      lse[j] = l;
-      if (check && b[j] > T(0)) {
-        double e = std::exp(static_cast<double>(v[j]) + static_cast<double>(l)) - static_cast<double>(b[j]);
-        err2 += e * e;
+    if (check) {
+      for (int64_t j = jb; j < je; ++j) {
+        if (b[j] > T(0)) {
+          double e = std::exp(static_cast<double>(v[j]) + static_cast<double>(lse[j])) - static_cast<double>(b[j]);
+          err2 += e * e;
+        }
       }
     }
   }
   return err2;
 }
 
+// Row pass over [i0, i1): u_i = log a_i - logsumexp_j(v_j - C_ij / reg). The previous value of the
+// log-sum-exp, log a_i - u_i, shifts the exps (one pass); rows whose shifted sum leaves the safe range
+// are redone with the exact maximum.
 template <typename T>
 static void sinkhorn_rows(const T* cost, const T* v, const T* loga, int64_t k, int64_t n, int64_t i0, int64_t i1,
                           T inv_reg, T* u) {
@@ -209,23 +296,34 @@ static void sinkhorn_rows(const T* cost, const T* v, const T* loga, int64_t k, i
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const T* __restrict vv = v;
   for (int64_t i = i0; i < i1; ++i) {
-    const T* __restrict row = cost + i * n;
-    T m = neg_inf;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) {
-      T t = fmadd(row[j], ninv, vv[j]);
-      m = t > m ? t : m;
-    }
-    if (m == neg_inf) {
+    if (loga[i] == neg_inf) {  // a_i = 0: an empty row
       u[i] = neg_inf;
       continue;
     }
+    const T* __restrict row = cost + i * n;
+    T shift = loga[i] - u[i];
     T acc = T(0);
+    if (std::isfinite(shift)) {
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < n; ++j) {
-      acc += exp_nonpos(fmadd(row[j], ninv, vv[j]) - m);
+      for (int64_t j = 0; j < n; ++j) acc += exp_clamped(fmadd(row[j], ninv, vv[j]) - shift);
     }
-    u[i] = loga[i] - m - std::log(acc);
+    if (!(acc >= Limits<T>::sum_lo && acc <= Limits<T>::sum_hi)) {
+      T m = neg_inf;
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < n; ++j) {
+        T t = fmadd(row[j], ninv, vv[j]);
+        m = t > m ? t : m;
+      }
+      if (m == neg_inf) {
+        u[i] = neg_inf;
+        continue;
+      }
+      shift = m;
+      acc = T(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < n; ++j) acc += exp_clamped(fmadd(row[j], ninv, vv[j]) - m);
+    }
+    u[i] = loga[i] - shift - std::log(acc);
   }
 }
 

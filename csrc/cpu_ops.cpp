@@ -225,9 +225,11 @@ void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Wo
     v[j] = real ? (pr.g_init ? pr.g_init[j] * inv_reg : T(0)) : neg_inf;
   }
   const int64_t threads = inner_parallel ? at::get_num_threads() : 1;
+  bool have_shift = false;  // ws.lse holds the previous column log-sum-exps
   auto cols = [&](bool check) -> double {
     if (threads <= 1)
-      return kern.sinkhorn_cols(pr.cost, u, v, pr.b, k, n, 0, n, inv_reg, ws.lse.data(), ws.scratch.data(), check);
+      return kern.sinkhorn_cols(pr.cost, u, v, pr.b, k, n, 0, n, inv_reg, ws.lse.data(), ws.scratch.data(), check,
+                                have_shift);
     std::vector<double> part(threads, 0.0);
     const int64_t step = (n + threads - 1) / threads;
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
@@ -235,7 +237,7 @@ void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Wo
         const int64_t j0 = std::min(n, t * step), j1 = std::min(n, j0 + step);
         if (j0 < j1)
           part[t] = kern.sinkhorn_cols(pr.cost, u, v, pr.b, k, n, j0, j1, inv_reg, ws.lse.data(), ws.scratch.data(),
-                                       check);
+                                       check, have_shift);
       }
     });
     double e = 0.0;
@@ -256,6 +258,7 @@ void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Wo
   for (;; ++it) {
     const bool check = it == max_iter || (it > 0 && (it - 1) % 10 == 0);
     const double err2 = cols(check);
+    have_shift = true;
     if (check) {
       err = std::sqrt(err2);
       if (it == max_iter || err < tol) break;
