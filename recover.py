@@ -227,9 +227,10 @@ def shard_groups(groups: list, rank: int, world: int) -> list:
     return groups[rank::world]
 
 
-def batch_generator(seed: int, first_class: int, index) -> torch.Generator:
-    """The CPU generator of one batch: depends only on the seed, the group's first class and j."""
-    words = [seed % 2**32, first_class, 0 if index is None else index + 1]
+def batch_generator(seed: int, first_class: int, index, purpose: int = 0) -> torch.Generator:
+    """The CPU generator of one batch: depends only on the seed, the group's first class and j
+    (purpose 1: the choice of real images for --init real, per class)."""
+    words = [seed % 2**32, purpose, first_class, 0 if index is None else index + 1]
     state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
@@ -298,7 +299,7 @@ class Objective:
         self.mults = [float(args.first_bn_mult)] + [1.0] * (len(self.layers) - 1)
         self.amp = args.amp == "bf16"
         self.channels_last = args.channels_last == "on"
-        self.groups = 1
+        self.groups, self.shifts = 1, None
         self.moments: list = []
         self._handles = []
         if self.bn_mode != "none":
@@ -306,16 +307,18 @@ class Objective:
 
     def _hook(self, module, inputs):
         x = inputs[0]
-        mean, var = bnstats.group_moments(x, self.groups)
+        shift = self.shifts[len(self.moments)] if self.shifts else None  # target means: precise sums
+        mean, var = bnstats.group_moments(x, self.groups, shift)
         self.moments.append((x.numel() // (self.groups * x.shape[1]), mean, var))
 
     def remove(self):
         for h in self._handles:
             h.remove()
 
-    def forward(self, x, groups: int):
-        """(features [n, d] fp32, logits or None, [(count, mean, var)] per BN layer) of the batch x."""
-        self.groups, self.moments = groups, []
+    def forward(self, x, groups: int, shifts=None):
+        """(features [n, d] fp32, logits or None, [(count, mean, var)] per BN layer) of the batch x
+        (groups: classes in x for per-class statistics, else 1; shifts: per-layer [groups, C] mean guesses)."""
+        self.groups, self.moments, self.shifts = groups, [], shifts
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -387,37 +390,52 @@ def rest_of(parts: list, k: int) -> dict:
     return rest
 
 
+class BatchOptimizer:
+    """Adam on the pixels of one batch: `step(it, params)` is one iteration of the recover loop."""
+
+    def __init__(self, objective: Objective, x0: torch.Tensor, tg: Targets, args, info):
+        self.objective, self.tg, self.info = objective, tg, info
+        self.iterations, self.lr, self.size = args.iterations, args.lr, info.image_size
+        self.x = x0.clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.x], lr=args.lr, betas=(0.5, 0.9), eps=1e-8)
+        mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+        self.lo, self.hi = ((0 - mean) / std).to(x0.device), ((1 - mean) / std).to(x0.device)
+        # a batch larger than --batch-size is one class (ipc > batch size): back-propagated in chunks
+        n = x0.shape[0]
+        self.chunks = chunk_slices(n, args.batch_size) if n > args.batch_size else [slice(None)]
+
+    def step(self, it: int, params: tuple) -> dict:
+        """Cosine lr, augment (params from `draw_augmentation`), loss, backward, Adam, clamp.
+        Returns the loss terms (device tensors, not synchronised)."""
+        obj, tg, x = self.objective, self.tg, self.x
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.5 * (1 + math.cos(math.pi * it / self.iterations)) * self.lr
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = None
+        if len(self.chunks) > 1:  # every chunk's detached share first, then each chunk's exact gradient
+            with torch.no_grad():
+                parts = [obj.contribution(*obj.forward(augment(x[sl], params, self.size), tg.groups, tg.bn_mean),
+                                          tg, sl) for sl in self.chunks]
+        for k, sl in enumerate(self.chunks):
+            feats, logits, moments = obj.forward(augment(x[sl], params, self.size), tg.groups, tg.bn_mean)
+            out = obj.terms(feats, logits, moments, tg, sl, rest_of(parts, k) if parts else None)
+            out["total"].backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            x.clamp_(self.lo, self.hi)
+        return out
+
+
 def recover_batch(objective: Objective, x0: torch.Tensor, tg: Targets, args, info, gen: torch.Generator,
                   bar=None, where: str = "") -> tuple:
     """Optimise the normalised images x0 [n, 3, S, S] (class-major, matched to tg) for --iterations steps.
     Returns (final images, loss curve [iterations, len(TERMS)] on the device)."""
-    device = x0.device
-    x = x0.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=args.lr, betas=(0.5, 0.9), eps=1e-8)
-    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
-    lo, hi = ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
-    # a batch larger than --batch-size is one class (ipc > batch size): back-propagated in chunks
-    chunks = chunk_slices(x.shape[0], args.batch_size) if x.shape[0] > args.batch_size else [slice(None)]
-    curve = torch.zeros(args.iterations, len(TERMS), device=device)
-    size, checked = info.image_size, 0
+    opt = BatchOptimizer(objective, x0, tg, args, info)
+    curve = torch.zeros(args.iterations, len(TERMS), device=x0.device)
+    checked = 0
     for it in range(args.iterations):
-        for group in optimizer.param_groups:
-            group["lr"] = 0.5 * (1 + math.cos(math.pi * it / args.iterations)) * args.lr
-        params = draw_augmentation(gen, size, info.crop_scale, info.flip, args.jitter)
-        optimizer.zero_grad(set_to_none=True)
-        parts = None
-        if len(chunks) > 1:
-            with torch.no_grad():
-                parts = [objective.contribution(*objective.forward(augment(x[sl], params, size), tg.groups), tg, sl)
-                         for sl in chunks]
-        for k, sl in enumerate(chunks):
-            feats, logits, moments = objective.forward(augment(x[sl], params, size), tg.groups)
-            out = objective.terms(feats, logits, moments, tg, sl, rest_of(parts, k) if parts else None)
-            out["total"].backward()
+        out = opt.step(it, draw_augmentation(gen, info.image_size, info.crop_scale, info.flip, args.jitter))
         curve[it] = torch.stack([out[t].detach().float() for t in TERMS])
-        optimizer.step()
-        with torch.no_grad():
-            x.clamp_(lo, hi)
         if bar is not None:
             bar.update(1)
         if (it + 1) % args.log_every == 0 or it + 1 == args.iterations:
@@ -425,14 +443,15 @@ def recover_batch(objective: Objective, x0: torch.Tensor, tg: Targets, args, inf
             bad = (~torch.isfinite(values)).any(dim=1).nonzero()
             if len(bad):
                 first = checked + int(bad[0])
-                cli.fail(f"the recover loss became non-finite ({', '.join(f'{t} {float(v):.4g}' for t, v in zip(TERMS, values[int(bad[0])]))}) "
-                         f"at iteration {first + 1} of {args.iterations} for {where}. Lower --lr or --lambda-bn "
-                         "(or check the teacher and bn_stats.pt). Shards already written are kept: rerunning "
-                         "the same command resumes from them.")
+                terms = ", ".join(f"{t} {float(v):.4g}" for t, v in zip(TERMS, values[int(bad[0])]))
+                cli.fail(f"the recover loss became non-finite ({terms}) at iteration {first + 1} of "
+                         f"{args.iterations} for {where}. Lower --lr or --lambda-bn (or check the teacher and "
+                         "bn_stats.pt). Shards already written are kept: rerunning the same command resumes "
+                         "from them.")
             checked = it + 1
             if bar is not None:
                 bar.set_postfix({t: f"{float(v):.4g}" for t, v in zip(TERMS, values[-1])}, refresh=False)
-    return x.detach(), curve
+    return opt.x.detach(), curve
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +523,7 @@ class RealImages:
             cli.fail(f"class {self.info.classes[c]} has {len(idx)} training images, fewer than --ipc {self.ipc}, "
                      "so --init real cannot start every image from a different real one. Use --init noise "
                      "or a smaller --ipc.")
-        g = batch_generator(self.seed, c, -2)
+        g = batch_generator(self.seed, c, None, purpose=1)
         pick = torch.randperm(len(idx), generator=g)[:self.ipc].tolist()
         return torch.stack([self.ds[idx[i]][0] for i in pick])
 
