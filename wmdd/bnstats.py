@@ -95,13 +95,24 @@ def finalize(sums: dict) -> dict:
 
 class _GroupMoments(torch.autograd.Function):
     """(mean, biased var) [G, C] of x [G*m, C, *] over (the m samples of each group, spatial positions),
-    in float32 whatever x's dtype. The backward is the closed form dx = gmean/n + 2 gvar (x - mean)/n
-    as one fused multiply-add (autograd's var_mean backward takes several passes over x)."""
+    float32 whatever x's dtype. Forward: sums of d = x - shift and d^2 (fast vectorised reductions; the shift,
+    any per-group guess of the mean, removes the cancellation of E[x^2] - E[x]^2; CPU var_mean is ~10x slower).
+    Backward: the closed form dx = gmean/n + 2 gvar (x - mean)/n as one fused multiply-add."""
 
     @staticmethod
-    def forward(ctx, x, groups: int):
-        xg = x.float().view(groups, x.shape[0] // groups, x.shape[1], -1)
-        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0)
+    def forward(ctx, x, groups: int, shift):
+        channels = x.shape[1]
+        xg = x.view(groups, x.shape[0] // groups, channels, -1)
+        n = xg.shape[1] * xg.shape[3]
+        if shift is None:
+            d = xg.float()
+        else:
+            d = xg - shift.view(groups, 1, channels, 1).to(torch.float32)
+        s1 = d.sum(dim=(1, 3))
+        s2 = (d * d).sum(dim=(1, 3))
+        dm = s1 / n
+        var = (s2 / n - dm * dm).clamp_min_(0)
+        mean = dm if shift is None else dm + shift.view(groups, channels).to(torch.float32)
         ctx.save_for_backward(x, mean)
         ctx.groups = groups
         return mean, var
@@ -110,7 +121,7 @@ class _GroupMoments(torch.autograd.Function):
     def backward(ctx, grad_mean, grad_var):
         x, mean = ctx.saved_tensors
         groups, channels = ctx.groups, x.shape[1]
-        xg = x.float().view(groups, x.shape[0] // groups, channels, -1)
+        xg = x.view(groups, x.shape[0] // groups, channels, -1)
         n = xg.shape[1] * xg.shape[3]
         if grad_mean is None:
             grad_mean = torch.zeros_like(mean)
@@ -119,20 +130,23 @@ class _GroupMoments(torch.autograd.Function):
         a = grad_var * (2.0 / n)
         b = grad_mean / n - a * mean
         gx = torch.addcmul(b.view(groups, 1, channels, 1), xg, a.view(groups, 1, channels, 1))
-        return gx.view(x.shape).to(x.dtype), None
+        return gx.view(x.shape).to(x.dtype), None, None
 
 
-def group_moments(x: torch.Tensor, groups: int = 1):
+def group_moments(x: torch.Tensor, groups: int = 1, shift: torch.Tensor | None = None):
     """Differentiable per-group BatchNorm-input statistics, for recover's BN matching loss.
 
     x: a BN layer's input [N, C, *] whose N samples form `groups` consecutive equal groups (recover's
     class-major batches: group g = the images of the g-th class of the batch; groups=1: the whole batch,
     SRe2L's global statistics). Returns (mean, var) [groups, C] float32: the mean and biased variance of
     each channel over (samples of the group, spatial positions), as `finalize` defines them for real data.
+    `shift` [groups, C] (constant, e.g. the target means) only improves precision when |mean| >> std.
     """
     if x.shape[0] % groups:
         raise ValueError(f"a batch of {x.shape[0]} samples does not split into {groups} equal groups")
-    return _GroupMoments.apply(x, groups)
+    if shift is not None:
+        shift = shift.detach()
+    return _GroupMoments.apply(x, groups, shift)
 
 
 def merge_moments(n_a, mean_a, var_a, n_b, mean_b, var_b):
