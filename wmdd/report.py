@@ -1,6 +1,6 @@
 """Pictures and numbers that show what a run's synthetic set is, for any run directory:
 
-    python -m wmdd.report runs/<dataset>/<name> [--compare sre2l=runs/x/sre2l/synthetic.pt ...]
+    python -m wmdd.report runs/<dataset>/<name> [--compare SRe2L=runs/<dataset>/sre2l ...] [--write REPORT.md]
 
 writes into the run directory
 - `images.png`: per class (one row each), the synthetic images, a gap, then as many real images of the class;
@@ -8,7 +8,9 @@ writes into the run directory
 - `recover_loss.png`: the recover loss terms over iterations (mean over the recover batches);
 - `diversity.json`: within-class diversity of the synthetic features (mean pairwise L2 distance of the
   teacher's penultimate features of a class's images, averaged over classes) beside the real data's and a
-  random real subset's of the same size: the paper's "increased variety" claim (§IV-D), measured.
+  random real subset's of the same size: the paper's "increased variety" claim (§IV-D), measured;
+- with `--write PATH`: a markdown report with the settings, every run's results.json as one table (each
+  method with soft and hard labels, the random real subset, the teacher; IOR and HLR) and the pictures.
 """
 from __future__ import annotations
 
@@ -136,7 +138,8 @@ def loss_plot(loss_curve: dict, path: str, title: str = "recover loss") -> str:
 
 def build(run: str, compare: dict | None = None, per_class: int | None = None, seed: int = 0) -> dict:
     """Write images.png, tsne.png, recover_loss.png and diversity.json into `run`. Returns their paths and
-    the diversity numbers. `compare` adds other synthetic.pt files (name -> path) to the t-SNE and diversity."""
+    the diversity numbers. `compare` adds other run directories (name -> dir with synthetic.pt made with the
+    same dataset) to the t-SNE and diversity."""
     paths = artifacts.run_paths(run)
     synthetic = artifacts.load(paths.synthetic, stage="recover")
     args = dataset_args(synthetic["meta"])
@@ -146,8 +149,9 @@ def build(run: str, compare: dict | None = None, per_class: int | None = None, s
     ipc = int(synthetic["ipc"])
     n_real = per_class or ipc
 
-    sets = {"WMDD" if not synthetic["meta"]["args"].get("sre2l") else "SRe2L": synthetic}
-    for name, path in (compare or {}).items():
+    sets = {method_name(synthetic["meta"]): synthetic}
+    for name, other_run in (compare or {}).items():
+        path = artifacts.run_paths(other_run).synthetic
         other = artifacts.load(path, stage="recover")
         artifacts.check_compatible(other["meta"], info, path)
         sets[name] = other
@@ -185,12 +189,91 @@ def build(run: str, compare: dict | None = None, per_class: int | None = None, s
     return out
 
 
+def method_name(meta: dict) -> str:
+    return "SRe2L" if meta["args"].get("sre2l") else "WMDD"
+
+
+def _fmt(summary: dict | None) -> str:
+    return "–" if summary is None else f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+
+
+def results_table(results: dict) -> list:
+    """Markdown lines: every method's distilled rows (soft and hard), the random real subset once, the
+    teacher; then IOR and HLR per method. `results` maps a method name to its results.json dict."""
+    lines = ["| images | labels | top-1 (%) | top-5 (%) |", "|---|---|---|---|"]
+    random_rows = []
+    for name, res in results.items():
+        for run in res["runs"]:
+            if run["key"].startswith("distilled/"):
+                lines.append(f"| {name} (distilled) | {run['label_desc']} | {_fmt(run['top1'])} | {_fmt(run['top5'])} |")
+            elif not random_rows or random_rows[0][0] == name:
+                random_rows.append((name, f"| {run['images']} | {run['label_desc']} | {_fmt(run['top1'])} | "
+                                          f"{_fmt(run['top5'])} |"))
+    lines += [row for _, row in random_rows]
+    teacher = next(iter(results.values()))
+    t = teacher.get("teacher_val_top1")
+    lines.append(f"| full training set (teacher, {teacher.get('teacher_arch')}) | hard | "
+                 f"{'–' if t is None else f'{t:.2f}'} | – |")
+    lines.append("")
+    for name, res in results.items():
+        m = res["metrics"]
+        parts = [f"{k} = {m[k]['mean']:+.2f} ± {m[k]['std']:.2f} pt" for k in ("IOR", "IOR_hard", "HLR") if k in m]
+        if parts:
+            lines.append(f"- {name}: " + "; ".join(parts))
+    lines.append("- IOR = acc(distilled) − acc(random real, same IPC, same recipe), paired by seed; "
+                 "HLR = acc(full data, hard) − acc(distilled, hard), the teacher's val top-1 standing in for the "
+                 "full-data hard-label accuracy (DD-Ranking, arXiv 2505.13300). Mean ± sample std over seeds.")
+    return lines
+
+
+def write_report(path: str, runs: dict, pictures: dict) -> str:
+    """REPORT.md for runs (method name -> run directory with synthetic.pt and results.json)."""
+    results = {}
+    for name, run in runs.items():
+        with open(artifacts.run_paths(run).results_json) as fh:
+            results[name] = json.load(fh)
+    first = next(iter(runs.values()))
+    syn_meta = {name: artifacts.load(artifacts.run_paths(run).synthetic)["meta"] for name, run in runs.items()}
+    teacher_meta = artifacts.load(artifacts.run_paths(first).teacher)["meta"]
+    c = next(iter(results.values()))["config"]
+    rel = os.path.dirname(os.path.abspath(path))
+    lines = [f"# Report: {c['dataset']} at {c['resolution']} px, IPC {c['ipc']}", "",
+             "## Settings", "",
+             f"- teacher: {teacher_meta['args'].get('arch')}, {teacher_meta['args'].get('epochs')} epochs, "
+             f"val top-1 {teacher_meta.get('val_top1') or float('nan'):.2f}%"]
+    for name, meta in syn_meta.items():
+        a = meta["args"]
+        lines.append(f"- {name} recover: {a.get('iterations')} iterations, lr {a.get('lr')}, λ_BN {a.get('lambda_bn')}, "
+                     f"BN {a.get('bn')}, feature {a.get('feature')}, CE weight {a.get('r_ce')}, "
+                     f"first-BN ×{a.get('first_bn_mult')}")
+    lines += [f"- students: {c['student']}, {c['epochs']} epochs, batch {c['batch_size']}, T = {c['temperature']}, "
+              f"{c['seeds']} seeds, labels {c['labels']}", "", "## Results", ""]
+    lines += results_table(results)
+    div = pictures.get("diversity")
+    if div:
+        lines += ["", "## Within-class diversity of teacher features", "",
+                  "Mean pairwise L2 distance between the penultimate features of a class's images, averaged over "
+                  "classes (the paper's \"increased variety\" claim, §IV-D):", "",
+                  "| set | mean pairwise distance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in div.items()]
+    lines += ["", "## Pictures", ""]
+    for key, title in (("images", "Synthetic images (left) beside real images of the same class (right)"),
+                       ("tsne", "t-SNE of real (dots) and synthetic (markers) features"),
+                       ("recover_loss", "Recover loss terms")):
+        if key in pictures:
+            lines += [f"### {title}", "", f"![{key}]({os.path.relpath(pictures[key], rel)})", ""]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser("python -m wmdd.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory with teacher.pt and synthetic.pt")
-    p.add_argument("--compare", action="append", default=[], metavar="NAME=SYNTHETIC_PT",
-                   help="another synthetic set to place beside this one")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN_DIR",
+                   help="another run (its synthetic.pt, and results.json for --write) to place beside this one")
+    p.add_argument("--write", default=None, metavar="REPORT_MD", help="also write a markdown report here")
     p.add_argument("--real-per-class", type=int, default=None, help="real images per class (default: IPC)")
     a = p.parse_args(argv)
     from wmdd import cli
@@ -198,6 +281,9 @@ def main(argv=None):
     compare = dict(item.split("=", 1) for item in a.compare)
     try:
         out = build(a.run, compare, a.real_per_class)
+        if a.write:
+            name = method_name(artifacts.load(artifacts.run_paths(a.run).synthetic)["meta"])
+            out["report"] = write_report(a.write, {name: a.run, **compare}, out)
     except cli.UserError as e:
         print(f"error: {e}")
         raise SystemExit(2)
