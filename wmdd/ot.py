@@ -58,16 +58,19 @@ from wmdd import ops
 
 SOLVERS = ("exact", "sinkhorn")
 WEIGHTS = ("uniform", "learned")
+FINISHES = ("auto", "laguerre", "lloyd", "emd", "none")
 
 # Defaults, each with its reason.
-DEFAULT_REG = 1e-3          # target epsilon relative to the cost scale: plans ~hard, W2^2 within 1% of exact
-DEFAULT_EPS0 = 0.1          # first epsilon: blurred enough to smooth a poor init, not enough to merge atoms
-DEFAULT_EPS_DECAY = 0.6     # epsilon_t = max(reg, eps0 * decay^t): ~10 outer steps to reach 1e-3
+DEFAULT_REG = 1e-2          # target epsilon relative to the cost scale (see the module docstring)
+DEFAULT_EPS0 = 0.04         # first epsilon: smooths the k-means++ init's poor cells, does not merge atoms
+DEFAULT_EPS_DECAY = 0.5     # epsilon_t = max(reg, eps0 * decay^t): 3 outer steps down to 1e-2
+DEFAULT_RELAX = 1.5         # over-relaxed location step at the target epsilon (~30% fewer outer steps)
+DEFAULT_MD_STEP = 0.3       # learned weights: first mirror-descent step, in log-weight units (then / sqrt(t))
 DEFAULT_SINKHORN_ITERS = 100  # outer iterations for the entropic solver (stops earlier on convergence)
 DEFAULT_EXACT_ITERS = 100   # POT's default numItermax for ot.lp.free_support_barycenter
-DEFAULT_INNER_ITERS = 200   # Sinkhorn iterations per outer step (warm-started, so usually far fewer)
-DEFAULT_TOL = 1e-5          # outer stop: displacement / relative cost change (normalised units)
-DEFAULT_SINKHORN_TOL = 1e-3  # inner stop: b-marginal L2 violation relative to ||b||_2
+DEFAULT_INNER_ITERS = 1000  # Sinkhorn iterations per outer step at most (warm-started: usually < 100)
+DEFAULT_TOL = 1e-4          # outer stop: displacement / relative cost change (normalised units)
+DEFAULT_SINKHORN_TOL = 3e-4  # inner stop: L2 violation of the data marginal (sums to 1; ~1% of ||b|| at n=1000)
 
 
 @dataclass
@@ -102,11 +105,15 @@ def pad_classes(features: Sequence[torch.Tensor], dtype=torch.float32):
     return y, b, counts
 
 
-def sqdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """||x_i - y_j||^2 for x [..., k, d], y [..., n, d] -> [..., k, n] (clamped at 0)."""
+def sqdist(x: torch.Tensor, y: torch.Tensor, yy: torch.Tensor | None = None) -> torch.Tensor:
+    """||x_i - y_j||^2 for x [..., k, d], y [..., n, d] -> [..., k, n] (clamped at 0).
+    yy: the precomputed ||y_j||^2 [..., n] (y is fixed across iterations, x moves)."""
     xx = (x * x).sum(-1, keepdim=True)
-    yy = (y * y).sum(-1).unsqueeze(-2)
-    return (xx + yy - 2.0 * x @ y.transpose(-1, -2)).clamp_min_(0.0)
+    if yy is None:
+        yy = (y * y).sum(-1)
+    return torch.baddbmm((xx + yy.unsqueeze(-2)).reshape(-1, x.shape[-2], y.shape[-2]),
+                         x.reshape(-1, x.shape[-2], x.shape[-1]), y.reshape(-1, y.shape[-2], y.shape[-1]).transpose(1, 2),
+                         alpha=-2.0).reshape(*x.shape[:-1], y.shape[-2]).clamp_min_(0.0)
 
 
 def w2_squared(points, weights, features) -> float:
@@ -131,28 +138,36 @@ def kmeans_objective(points, features) -> float:
     return float(sqdist(x - mu, y - mu).min(0).values.mean())
 
 
-def kmeanspp_init(y: torch.Tensor, counts: torch.Tensor, k: int, seeds: Sequence[int]) -> torch.Tensor:
-    """k-means++ seeding on each class's own points: atoms [C, k, d] (copies of data points).
+def kmeanspp_init(y: torch.Tensor, counts: torch.Tensor, k: int, seeds: Sequence[int],
+                  trials: int | None = None) -> torch.Tensor:
+    """Greedy k-means++ seeding on each class's own points: atoms [C, k, d] (copies of data points).
 
-    One generator per class (seeds[c]) draws k uniforms; the sampling itself is batched (inverse CDF
+    Each new atom is the best (lowest resulting sum of squared distances to the nearest atom) of
+    `trials` candidates drawn with probability ~ D^2 (default 2 + log k, as scikit-learn does).
+    One generator per class (seeds[c]) draws all uniforms; the sampling itself is batched (inverse CDF
     of D^2 over the class's valid points), so batched and per-class calls choose the same points."""
     num_classes, n_max, _ = y.shape
-    u = torch.stack([torch.rand(k, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                     for s in seeds])                                             # [C, k]
+    trials = trials or 2 + int(math.log(k))
+    u = torch.stack([torch.rand(k, trials, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                     for s in seeds])                                             # [C, k, T]
     valid = torch.arange(n_max).unsqueeze(0) < counts.unsqueeze(1)               # [C, N]
     ar = torch.arange(num_classes)
+    yy = (y * y).sum(-1)
     idx = torch.empty(num_classes, k, dtype=torch.long)
-    idx[:, 0] = (u[:, 0] * counts).long().clamp_max(counts - 1)
-    d2 = sqdist(y[ar, idx[:, 0]].unsqueeze(1), y).squeeze(1).double() * valid        # [C, N]
+    idx[:, 0] = (u[:, 0, 0] * counts).long().clamp_max(counts - 1)
+    d2 = sqdist(y[ar, idx[:, 0]].unsqueeze(1), y, yy).squeeze(1).double() * valid    # [C, N]
     for j in range(1, k):
         cdf = d2.cumsum(-1)
-        total = cdf[:, -1]
-        pick = torch.searchsorted(cdf, (u[:, j] * total).unsqueeze(1), right=True).squeeze(1)
-        uniform = (u[:, j] * counts).long()
-        pick = torch.where(total > 0, pick, uniform)  # all points already chosen: any point
-        idx[:, j] = torch.minimum(pick, counts - 1)
-        new = sqdist(y[ar, idx[:, j]].unsqueeze(1), y).squeeze(1).double() * valid
-        d2 = torch.minimum(d2, new)
+        total = cdf[:, -1:]
+        cand = torch.searchsorted(cdf, u[:, j] * total, right=True)             # [C, T]
+        uniform = (u[:, j] * counts.unsqueeze(1)).long()
+        cand = torch.where(total > 0, cand, uniform)  # all points already chosen: any point
+        cand = torch.minimum(cand, (counts - 1).unsqueeze(1))
+        dc = sqdist(y[ar.unsqueeze(1), cand], y, yy).double() * valid.unsqueeze(1)   # [C, T, N]
+        new = torch.minimum(d2.unsqueeze(1), dc)
+        best = new.sum(-1).argmin(-1)                                            # [C]
+        idx[:, j] = cand[ar, best]
+        d2 = new[ar, best]
     return y[ar.unsqueeze(1), idx].clone()
 
 
@@ -176,11 +191,12 @@ def _check_inputs(features, k: int, solver: str, weights: str):
 
 def exact_uniform_barycenter(y: np.ndarray, x_init: np.ndarray, iters: int = DEFAULT_EXACT_ITERS,
                              stop_thr: float = 1e-7) -> np.ndarray:
-    """Released WMDD semantics: ot.lp.free_support_barycenter, uniform atom weights."""
+    """Released WMDD semantics: ot.lp.free_support_barycenter, uniform atom weights. Returns (X, iters)."""
     import ot
 
-    return ot.lp.free_support_barycenter([y], [np.full(len(y), 1.0 / len(y))], x_init,
-                                         numItermax=iters, stopThr=stop_thr)
+    x, log = ot.lp.free_support_barycenter([y], [np.full(len(y), 1.0 / len(y))], x_init,
+                                           numItermax=iters, stopThr=stop_thr, log=True)
+    return x, len(log["displacement_square_norms"])
 
 
 def _md_weights_exact(cost: np.ndarray, eta: float = 10.0, steps: int = 100, stop_thr: float = 1e-9):
@@ -236,55 +252,96 @@ def released_learned_barycenter(y: np.ndarray, x_init: np.ndarray, outer: int = 
 
 def _sinkhorn_barycenter(y, b, counts, x, w, *, learned: bool, reg: float, iters: int, eps0: float,
                          eps_decay: float, inner_iters: int, sinkhorn_tol: float, tol: float,
-                         md_step: float, md_steps: int, impl, progress=None):
+                         md_step: float, md_steps: int, relax: float, impl, progress=None):
     """Cuturi & Doucet alternation in normalised coordinates. y [C, N, d], b [C, N], x [C, k, d],
-    w [C, k], all already centred and scaled (cost scale 1). Returns x, w, outer iterations [C]."""
+    w [C, k], all already centred and scaled (cost scale 1).
+    Returns x, w, f (final atom potentials), outer iterations [C], total Sinkhorn iterations."""
     num_classes, n_max, _ = y.shape
     k = x.shape[1]
+    x, w = x.clone(), w.clone()
     f = torch.zeros(num_classes, k, dtype=y.dtype)
-    g = torch.zeros(num_classes, n_max, dtype=y.dtype)
-    g[b <= 0] = float("-inf")
-    warm = False
     done_at = torch.full((num_classes,), iters, dtype=torch.long)
-    prev_cost = torch.full((num_classes,), float("inf"), dtype=torch.float64)
+    abs_tol = sinkhorn_tol  # absolute, so a class converges the same alone or in any batch
+    min_weight = 1e-12  # keeps log(w) finite in the log-domain Sinkhorn; Lloyd finishing can zero it
+    inner_total = 0
+    # the working set: the classes still iterating, gathered once per change (not every iteration)
     active = torch.arange(num_classes)
-    # marginal-violation threshold: relative to ||b||_2 of the largest class (stricter for smaller ones)
-    abs_tol = sinkhorn_tol / math.sqrt(n_max)
+    ya, ba, yya = y, b, (y * y).sum(-1)
+    xa, wa, fa = x, w, None
+    prev_cost = torch.full((num_classes,), float("inf"), dtype=torch.float64)
+    theta = torch.full((num_classes, 1, 1), float(relax), dtype=y.dtype)
     for t in range(iters):
-        if len(active) == 0:
-            break
         eps = max(reg, eps0 * eps_decay**t)
-        ya, ba, xa, wa = y[active], b[active], x[active], w[active]
-        cost = sqdist(xa, ya)
-        fa, ga = ops.sinkhorn_log_batched(cost, wa, ba, eps, max_iter=inner_iters, tol=abs_tol,
-                                          f_init=f[active] if warm else None,
-                                          g_init=g[active] if warm else None, impl=impl)
-        if learned:
-            for _ in range(md_steps):
-                step = md_step
-                logw = torch.log(wa) - step * (fa - fa.mean(-1, keepdim=True))
-                wa = torch.softmax(logw, -1).clamp_min(1e-30)
-                wa = wa / wa.sum(-1, keepdim=True)
-                fa, ga = ops.sinkhorn_log_batched(cost, wa, ba, eps, max_iter=inner_iters, tol=abs_tol,
-                                                  f_init=fa, g_init=ga, impl=impl)
-        plan = ops.sinkhorn_plan(cost, fa, ga, eps)
-        mass = plan.sum(-1)                                               # [Ca, k] (= wa)
+        cost = sqdist(xa, ya, yya)
+        if learned and md_steps == 0:
+            # free weights, weight step solved exactly: for fixed atoms the entropic optimum over w has
+            # P_ij = b_j softmax_i(-C_ij / eps) and w = P 1 (the fixed point of the mirror descent)
+            plan = torch.exp(torch.log(ba).unsqueeze(-2) + torch.log_softmax(-cost / eps, dim=-2))
+            wa = plan.sum(-1).clamp_min(min_weight)
+            wa = wa / wa.sum(-1, keepdim=True)
+            fa = torch.zeros_like(wa)  # the optimum's potentials are constant
+            stats = {"err": torch.zeros(len(active), dtype=torch.float64)}
+        else:
+            fa, _, stats = ops.sinkhorn_log_batched(cost, wa, ba, eps, max_iter=inner_iters, tol=abs_tol,
+                                                    f_init=fa, impl=impl, return_info=True)
+            inner_total += int(stats["n_iter"].sum())
+            # the plan with the data marginal exact: g <- c-transform of f (one half-iteration).
+            # Converged, this is the Sinkhorn plan; if not yet, every point still carries its mass.
+            ga = eps * (torch.log(ba) - torch.logsumexp((fa.unsqueeze(-1) - cost) / eps, dim=-2))
+            plan = ops.sinkhorn_plan(cost, fa, ga, eps)
+        mass = plan.sum(-1)                                               # [Ca, k] (~ wa)
         transport = (plan * cost).sum((-1, -2)).double()
-        moved = plan @ ya
-        ok = mass > 1e-12
-        x_new = torch.where(ok.unsqueeze(-1), moved / mass.clamp_min(1e-30).unsqueeze(-1), xa)
+        # location update B = diag(1/w) T Y; an atom without mass keeps its place
+        ok = (mass > 1e-12).unsqueeze(-1)
+        target = torch.where(ok, (plan @ ya) / mass.clamp_min(1e-30).unsqueeze(-1), xa)
+        at_target = eps <= reg
+        if at_target and relax != 1.0:
+            # over-relaxed fixed-point step X + theta (B - X); a class whose transport cost rose goes
+            # back to theta = 1 for good (monotone from there)
+            worse = transport > prev_cost * (1 + 1e-7)
+            theta[worse.to(theta.device)] = 1.0
+            x_new = xa + theta * (target - xa)
+        else:
+            x_new = target
         disp = (wa * ((x_new - xa) ** 2).sum(-1)).sum(-1).double()
-        x[active], w[active], f[active], g[active] = x_new, wa, fa, ga
-        warm = True
-        rel_change = (prev_cost[active] - transport).abs() / transport.clamp_min(1e-30)
-        prev_cost[active] = transport
-        if eps <= reg:
-            finished = (disp < tol) | (rel_change < tol)
-            done_at[active[finished]] = t + 1
-            active = active[~finished]
+        if learned and md_steps > 0:
+            # Algorithm 2's weight step, sharing this outer iteration's Sinkhorn solve: the atoms' dual
+            # potential is the subgradient; KL prox = multiplicative update on the simplex.
+            for step in range(md_steps):
+                if step > 0:
+                    fa = ops.sinkhorn_log_batched(cost, wa, ba, eps, max_iter=inner_iters, tol=abs_tol,
+                                                  f_init=fa, impl=impl)[0]
+                # f is in normalised cost units (cost scale 1): one step size serves every class.
+                # (Steps ~ 1/eps overshoot and collapse the weights: the transport part's curvature
+                # is ~ the cost gaps, not eps.)
+                grad = fa - fa.mean(-1, keepdim=True)
+                logw = torch.log(wa) - md_step * grad
+                wa = torch.softmax(logw, -1).clamp_min(min_weight)
+                wa = wa / wa.sum(-1, keepdim=True)
+        rel_change = (prev_cost - transport).abs() / transport.clamp_min(1e-30)
+        prev_cost = transport
+        xa = x_new
         if progress is not None:
             progress(t, eps, len(active))
-    return x, w, done_at
+        finished = torch.zeros(len(active), dtype=torch.bool)
+        if at_target and eps0 * eps_decay ** (t - 1) <= reg:
+            # converged (judged from the second iteration at the target epsilon on): feasible plan
+            # (Sinkhorn met its tolerance) and atoms / transport cost no longer moving
+            feasible = stats["err"].to(disp.device) <= abs_tol
+            finished = feasible & ((disp < tol) | (rel_change < tol))
+        if t == iters - 1:
+            finished[:] = True
+        if finished.any():
+            idx = active[finished]
+            x[idx], w[idx], f[idx] = xa[finished], wa[finished], fa[finished]
+            done_at[idx] = t + 1
+            keep = ~finished
+            active = active[keep]
+            if len(active) == 0:
+                break
+            ya, ba, yya, xa, wa, fa = ya[keep], ba[keep], yya[keep], xa[keep], wa[keep], fa[keep]
+            prev_cost, theta = prev_cost[keep], theta[keep]
+    return x, w, f, done_at, inner_total
 
 
 def _lloyd_finish(y, counts, x, max_steps: int = 50):
@@ -308,6 +365,21 @@ def _lloyd_finish(y, counts, x, max_steps: int = 50):
     onehot = torch.nn.functional.one_hot(d.argmin(1), k).to(torch.float64) * valid.unsqueeze(-1)
     w = onehot.sum(1) / counts.unsqueeze(1).double()
     return x, w.to(y.dtype)
+
+
+def _laguerre_finish(y, counts, x, f):
+    """One debiased location update (epsilon -> 0 with the final dual potentials f): each point goes to
+    its Laguerre cell argmin_i ||x_i - y_j||^2 - f_i (the cells of the semi-discrete optimal plan, whose
+    masses are ~w once f has converged), and each atom moves to its cell's mean; an empty cell keeps its
+    atom. Same (normalised) units for x, y and f."""
+    num_classes, n_max, _ = y.shape
+    k = x.shape[1]
+    valid = torch.arange(n_max).unsqueeze(0) < counts.unsqueeze(1)
+    assign = (sqdist(x, y) - f.unsqueeze(-1)).argmin(1)                       # [C, N]
+    onehot = torch.nn.functional.one_hot(assign, k).to(y.dtype) * valid.unsqueeze(-1)
+    size = onehot.sum(1)
+    means = onehot.transpose(1, 2) @ y / size.clamp_min(1).unsqueeze(-1)
+    return torch.where((size > 0).unsqueeze(-1), means, x)
 
 
 def _emd_finish(y_list, x, w, steps: int):
@@ -341,7 +413,7 @@ def free_support_barycenter_batched(features: Sequence[torch.Tensor], k: int, *,
                                     eps0: float = DEFAULT_EPS0, eps_decay: float = DEFAULT_EPS_DECAY,
                                     inner_iters: int = DEFAULT_INNER_ITERS,
                                     sinkhorn_tol: float = DEFAULT_SINKHORN_TOL, tol: float = DEFAULT_TOL,
-                                    md_step: float = 1.0, md_steps: int = 1, polish: int | None = None,
+                                    md_step: float = DEFAULT_MD_STEP, md_steps: int = 0, relax: float = DEFAULT_RELAX, finish: str = "auto",
                                     dtype=torch.float32, impl: str | None = None,
                                     compute_objective: bool = True, progress=None) -> Barycenter:
     """Barycenters of many classes at once (ragged sizes). features: list of [n_c, d] tensors.
@@ -349,10 +421,13 @@ def free_support_barycenter_batched(features: Sequence[torch.Tensor], k: int, *,
     Returns a Barycenter with points [C, k, d], weights [C, k] (>= 0, sum 1), w2 [C] (exact W2^2,
     NaN when compute_objective=False) and iters [C] (outer iterations used). Each class's result is
     the same as solving it alone with seed seeds[c] (default class_seed(seed, c)).
-    `polish`: exact finishing steps (default: 1 EMD location update for uniform weights, Lloyd to
-    convergence for learned weights; 0 disables)."""
+    `finish` (sinkhorn): the epsilon -> 0 step that ends the alternation: "laguerre" (uniform default:
+    one location update with the hard cells of the final dual potentials), "lloyd" (learned default:
+    exact k-means steps to convergence), "emd" (one exact EMD location update), "none"."""
     features = [torch.as_tensor(f).detach().cpu() for f in features]
     _check_inputs(features, k, solver, weights)
+    if finish not in FINISHES:
+        raise ValueError(f"unknown finish {finish!r}; use one of {FINISHES}")
     num_classes = len(features)
     seeds = list(seeds) if seeds is not None else [class_seed(seed, c) for c in range(num_classes)]
     learned = weights == "learned"
@@ -374,32 +449,34 @@ def free_support_barycenter_batched(features: Sequence[torch.Tensor], k: int, *,
         for c in range(num_classes):
             yc = centred[c].numpy()
             if learned:
-                xc, wc = released_learned_barycenter(yc, x0[c].numpy())
+                (xc, wc), it = released_learned_barycenter(yc, x0[c].numpy()), 10
             else:
-                xc, wc = exact_uniform_barycenter(yc, x0[c].numpy(), iters or DEFAULT_EXACT_ITERS), w0[c].numpy()
+                (xc, it), wc = exact_uniform_barycenter(yc, x0[c].numpy(), iters or DEFAULT_EXACT_ITERS), w0[c].numpy()
             xs.append(torch.from_numpy(np.asarray(xc)))
             ws.append(torch.as_tensor(np.asarray(wc)))
-            its.append(iters or DEFAULT_EXACT_ITERS)
+            its.append(it)
         x, w, done_at = torch.stack(xs), torch.stack(ws), torch.tensor(its)
     else:
         # normalise: cost scale s_c = mean squared distance between two points = 2 * total variance
         var = torch.stack([(f ** 2).sum(-1).mean() for f in centred]).to(work)           # [C]
         scale = torch.where(var > 0, 2.0 * var, torch.ones_like(var))
         root = scale.sqrt().view(-1, 1, 1)
-        x, w, done_at = _sinkhorn_barycenter(
+        x, w, f, done_at, inner_total = _sinkhorn_barycenter(
             y / root, b, counts, x0 / root, w0, learned=learned, reg=reg,
             iters=iters or DEFAULT_SINKHORN_ITERS, eps0=max(eps0, reg), eps_decay=eps_decay,
             inner_iters=inner_iters, sinkhorn_tol=sinkhorn_tol, tol=tol, md_step=md_step,
-            md_steps=md_steps, impl=impl, progress=progress)
+            md_steps=md_steps, relax=relax, impl=impl, progress=progress)
+        if finish == "auto":
+            finish = "lloyd" if learned else "none"
+        if finish == "laguerre":
+            x = _laguerre_finish(y / root, counts, x, f)
         x = x * root
-        info.update(reg=reg, eps0=max(eps0, reg), eps_decay=eps_decay, impl=ops.resolve_impl(impl))
-        steps = polish if polish is not None else (50 if learned else 1)
-        if steps > 0:
-            if learned:
-                x, w = _lloyd_finish(y, counts, x, max_steps=steps)
-            else:
-                x = _emd_finish(centred, x, w, steps)
-        info["polish"] = steps
+        if finish == "lloyd":
+            x, w = _lloyd_finish(y, counts, x)
+        elif finish == "emd":
+            x = _emd_finish(centred, x, w, 1)
+        info.update(sinkhorn_iters=inner_total, reg=reg, eps0=max(eps0, reg), eps_decay=eps_decay,
+                    impl=ops.resolve_impl(impl), finish=finish)
 
     points = (x.double() + means.unsqueeze(1)).float()
     w = w.double().clamp_min(0)
