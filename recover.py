@@ -517,7 +517,8 @@ class RealImages:
         self.per_class = data.class_indices(self.ds.targets, info.num_classes)
         self.info, self.seed, self.ipc = info, args.seed, args.ipc
 
-    def of_class(self, c: int) -> torch.Tensor:
+    def of_class(self, c: int, index=None) -> torch.Tensor:
+        """The IPC starting images of class c [IPC, 3, S, S], or only image `index` [3, S, S]."""
         idx = self.per_class[c]
         if len(idx) < self.ipc:
             cli.fail(f"class {self.info.classes[c]} has {len(idx)} training images, fewer than --ipc {self.ipc}, "
@@ -525,6 +526,8 @@ class RealImages:
                      "or a smaller --ipc.")
         g = batch_generator(self.seed, c, None, purpose=1)
         pick = torch.randperm(len(idx), generator=g)[:self.ipc].tolist()
+        if index is not None:
+            return self.ds[idx[pick[index]]][0]
         return torch.stack([self.ds[idx[i]][0] for i in pick])
 
 
@@ -552,7 +555,7 @@ def recover_group(group: Group, objective: Objective, inputs, args, info, device
         else:  # ipc-major: image j of every class of the group
             labels = torch.tensor(classes)
             atoms = points[group.start:group.stop, j] if points is not None else None
-            x0 = torch.stack([real.of_class(c)[j] for c in classes]) if real is not None \
+            x0 = torch.stack([real.of_class(c, j) for c in classes]) if real is not None \
                 else torch.randn(G, 3, S, S, generator=gen)
         if bn is None:
             bn_mean = bn_var = []

@@ -82,7 +82,7 @@ PRESETS = {
         {16: "small", 32: "small"}, "built in (scikit-learn's load_digits): no --data-dir needed",
         # CPU-size recipe: a minute of teacher training reaches ~97%; short recover / evaluate.
         stages=_stages(squeeze=dict(epochs=15, lr=0.05, batch_size=64, weight_decay=5e-4),
-                       recover=dict(iterations=300, lr=0.1, lambda_bn=10.0, batch_size=100),
+                       recover=dict(iterations=200, lr=0.1, lambda_bn=10.0, batch_size=100),
                        relabel=dict(epochs=60, batch_size=100),
                        evaluate=dict(epochs=60, batch_size=100)),
         num_classes=10, crop_scale=(0.25, 1.0), flip=False, needs_data_dir=False),
