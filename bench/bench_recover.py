@@ -3,6 +3,7 @@ WMDD loop, side by side on the same device, teacher, batch, targets and augmenta
 
     python bench/bench_recover.py            # CPU (or CUDA when available): ~1-3 min on 2 cores
     python bench/bench_recover.py --steps 20 --device cuda
+    python bench/bench_recover.py --threads 1       # steadier on a machine shared with other jobs
 
 The port follows the released per-class recover (recover/data_synthesis_new.py + utils.py of the WMDD
 code as it ran with --wb --per-class-bn): fp32 NCHW teacher; one forward hook per BatchNorm layer that
@@ -277,7 +278,10 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           (args.device if args.device != "auto" else "cpu"))
     if device.type == "cpu" and not fix_mmap_threshold():
