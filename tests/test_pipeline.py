@@ -1,0 +1,87 @@
+"""The whole pipeline on a minimal digits setting, the report, and the copy-the-scripts use."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import barycenter
+import evaluate
+import recover
+import relabel
+from tests.conftest import copy_run, run_stage
+from wmdd import artifacts, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = ["--dataset", "digits", "--ipc", "2"]
+
+
+def _pipeline(run: str, sre2l: str) -> None:
+    run_stage(barycenter, DIGITS + ["--out", run])
+    run_stage(recover, DIGITS + ["--out", run, "--iterations", "4"])
+    run_stage(relabel, DIGITS + ["--out", run, "--epochs", "2"])
+    run_stage(evaluate, DIGITS + ["--out", run, "--seeds", "2", "--baseline", "random"])
+    teacher = ["--teacher", artifacts.run_paths(run).teacher]
+    run_stage(recover, DIGITS + ["--out", sre2l, "--sre2l", "--iterations", "4", *teacher,
+                                 "--bn-stats", artifacts.run_paths(run).bn_stats])
+    run_stage(relabel, DIGITS + ["--out", sre2l, "--epochs", "2", *teacher])
+    run_stage(evaluate, DIGITS + ["--out", sre2l, "--seeds", "2", "--baseline", "none", *teacher])
+
+
+def test_pipeline_and_report_numbers_match_results(digits_run, tmp_path):
+    run = copy_run(digits_run, tmp_path / "demo")
+    sre2l = str(tmp_path / "demo" / "sre2l")
+    _pipeline(run, sre2l)
+    paths = artifacts.run_paths(run)
+    for f in (paths.teacher, paths.bn_stats, paths.features, paths.barycenters, paths.synthetic,
+              paths.results_json, paths.results_md, os.path.join(paths.images, "0")):
+        assert os.path.exists(f), f
+    assert len(os.listdir(os.path.join(paths.images, "9"))) == 2
+
+    pictures = report.build(run, {"SRe2L": sre2l})
+    md = report.write_report(os.path.join(run, "REPORT.md"), {"WMDD": run, "SRe2L": sre2l}, pictures)
+    for key in ("images", "tsne", "recover_loss"):
+        assert os.path.getsize(pictures[key]) > 1000
+    text = open(md).read()
+    for name, directory in (("WMDD", run), ("SRe2L", sre2l)):
+        res = json.load(open(artifacts.run_paths(directory).results_json))
+        for r in res["runs"]:
+            label = f"{name} (distilled)" if r["key"].startswith("distilled/") else r["images"]
+            row = next(line for line in text.splitlines()
+                       if line.startswith(f"| {label} | {r['label_desc']} |"))
+            mean, std = map(float, re.findall(r"([\d.]+) ± ([\d.]+)", row)[0])
+            assert abs(mean - r["top1"]["mean"]) < 0.005 and abs(std - r["top1"]["std"]) < 0.005
+        for k, v in res["metrics"].items():
+            assert f"{k} = {v['mean']:+.2f} ± {v['std']:.2f} pt" in text
+    assert "![tsne](tsne.png)" in text
+    div = json.load(open(os.path.join(run, "diversity.json")))
+    assert set(div) >= {"WMDD", "SRe2L"}
+
+
+def test_stage_scripts_run_when_copied_into_another_repo(digits_run, tmp_path):
+    """The 'copy the scripts into your repo' use: the stage scripts plus wmdd/ in an empty directory."""
+    repo = tmp_path / "other_repo"
+    repo.mkdir()
+    for script in ("squeeze.py", "barycenter.py", "recover.py", "relabel.py", "evaluate.py"):
+        shutil.copy(os.path.join(REPO, script), repo)
+    shutil.copytree(os.path.join(REPO, "wmdd"), repo / "wmdd",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["WMDD_NO_EXT"] = "1"
+
+    def run(*argv):
+        proc = subprocess.run([sys.executable, *argv], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    assert "--lambda-bn" in run("recover.py", "--help")
+    out = str(repo / "runs" / "digits")
+    copy_run(digits_run, out)
+    run("barycenter.py", *DIGITS, "--out", out)
+    run("recover.py", *DIGITS, "--out", out, "--iterations", "2")
+    run("relabel.py", *DIGITS, "--out", out, "--epochs", "1")
+    printed = run("evaluate.py", *DIGITS, "--out", out, "--baseline", "none")
+    assert "distilled" in printed
