@@ -26,8 +26,22 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
+# The whole method on scikit-learn's digits (no download), WMDD beside SRe2L's recover and a random real
+# subset, ending in runs/demo/REPORT.md. DEMO_IPC=1 make demo for one image per class.
+DEMO     ?= runs/demo
+DEMO_IPC ?= 10
+DIGITS   := --dataset digits --ipc $(DEMO_IPC)
+SHARED   := --teacher $(DEMO)/teacher.pt
 demo: install
-	$(PY) squeeze.py --dataset digits --out runs/demo
+	$(PY) squeeze.py --dataset digits --out $(DEMO)
+	$(PY) barycenter.py $(DIGITS) --out $(DEMO)
+	$(PY) recover.py $(DIGITS) --out $(DEMO)
+	$(PY) relabel.py $(DIGITS) --out $(DEMO)
+	$(PY) evaluate.py $(DIGITS) --out $(DEMO) --seeds 3 --baseline random
+	$(PY) recover.py $(DIGITS) --sre2l --out $(DEMO)/sre2l $(SHARED) --bn-stats $(DEMO)/bn_stats.pt
+	$(PY) relabel.py $(DIGITS) --out $(DEMO)/sre2l $(SHARED)
+	$(PY) evaluate.py $(DIGITS) --out $(DEMO)/sre2l $(SHARED) --seeds 3 --baseline none
+	$(PY) -m wmdd.report $(DEMO) --compare SRe2L=$(DEMO)/sre2l --write $(DEMO)/REPORT.md
 
 bench: install
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
