@@ -2,13 +2,13 @@
 chunked classes, outputs, sharding / resume, errors, and the user's Tiny-ImageNet command line."""
 from __future__ import annotations
 
-import argparse
 import os
 
 import pytest
 import torch
 from PIL import Image
 
+import barycenter
 import recover
 import squeeze
 from conftest import copy_run, make_tiny_tree, run_stage
@@ -16,25 +16,12 @@ from wmdd import artifacts, bnstats, cli, data, models
 
 
 def make_barycenters(out, ipc: int, dataset: str = "digits", data_dir=None, resolution=None) -> str:
-    """barycenters.pt as barycenter.py writes it (stage "barycenter", points [C, k, d], weights [C, k]),
-    here from means of IPC consecutive slices of each class's teacher features: fast and deterministic."""
-    args = argparse.Namespace(dataset=dataset, data_dir=data_dir, resolution=resolution, download=False, seed=0,
-                              out=out)
-    info = data.resolve(args)
-    paths = artifacts.run_paths(out)
-    model, _ = models.load_teacher(paths.teacher, info, "cpu")
-    ds = data.build_dataset(info, args, "train")
-    points = []
-    with torch.no_grad():
-        for idx in data.class_indices(ds.targets, info.num_classes):
-            feats = models.penultimate(model, torch.stack([ds[i][0] for i in idx]))
-            points.append(torch.stack([part.mean(0) for part in torch.tensor_split(feats, ipc)]))
-    points = torch.stack(points)
-    weights = torch.rand(points.shape[:2], generator=torch.Generator().manual_seed(1)) + 0.5
-    artifacts.save(paths.barycenters, {"points": points, "weights": weights / weights.sum(1, keepdim=True),
-                                       "w2": torch.zeros(len(points))},
-                   artifacts.make_meta("barycenter", args, info, upstream={"teacher": paths.teacher}))
-    return paths.barycenters
+    """barycenters.pt for IPC atoms per class, by the barycenter stage (exact EMD, uniform weights)."""
+    argv = ["--dataset", dataset, "--ipc", ipc, "--out", out]
+    argv += ["--data-dir", data_dir] if data_dir else []
+    argv += ["--resolution", resolution] if resolution else []
+    run_stage(barycenter, argv)
+    return artifacts.run_paths(out).barycenters
 
 
 @pytest.fixture(scope="module")
