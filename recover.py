@@ -279,7 +279,7 @@ def augment(x: torch.Tensor, params: tuple, size: int) -> torch.Tensor:
 
 @dataclass
 class Targets:
-    """What one batch is matched to: labels, atoms [n, d] and per-layer BN statistics [G, C]."""
+    """What one batch is matched to: labels [n], atoms [n, d] and per-layer BN statistics [G, C]."""
     labels: torch.Tensor
     atoms: torch.Tensor | None
     bn_mean: list
@@ -327,7 +327,7 @@ class Objective:
         moments, self.moments = self.moments, []
         return feats.float(), (logits.float() if logits is not None else None), moments
 
-    def terms(self, feats, logits, moments, tg: "Targets", sl: slice, rest=None) -> dict:
+    def terms(self, feats, logits, moments, tg: Targets, sl: slice, rest=None) -> dict:
         """The loss terms of images `sl` of the batch. `rest` (a class in chunks) holds the detached
         contributions of its other images: feature residual sum of squares, CE sum, (n, mean, var) per layer."""
         zero = feats.new_zeros(())
@@ -353,22 +353,12 @@ class Objective:
         return out
 
     @torch.no_grad()
-    def contribution(self, feats, logits, moments, tg: "Targets", sl: slice) -> dict:
+    def contribution(self, feats, logits, moments, tg: Targets, sl: slice) -> dict:
         """A chunk's detached share of every term (float64), to be added to the other chunks' gradients."""
         return {"feature_sq": (feats - tg.atoms[sl]).double().pow(2).sum() if self.use_feature else 0.0,
                 "ce_sum": F.cross_entropy(logits, tg.labels[sl], reduction="sum").double()
                 if logits is not None else 0.0,
                 "moments": [(n, mean.double(), var.double()) for n, mean, var in moments]}
-
-
-@dataclass
-class Targets:
-    """What one batch is matched to: labels [n], atoms [n, d] and per-layer BN statistics [G, C]."""
-    labels: torch.Tensor
-    atoms: torch.Tensor | None
-    bn_mean: list
-    bn_var: list
-    groups: int
 
 
 def chunk_slices(n: int, batch_size: int) -> list:

@@ -23,7 +23,6 @@ threshold fixed at 64 KiB so that freed tensors leave the RSS at once (largest o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import ctypes
@@ -34,7 +33,6 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
 from torch import nn
