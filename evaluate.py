@@ -15,7 +15,7 @@ weight decay 0.01 except on BatchNorm / LayerNorm parameters and biases), cosine
 --epochs and the batch size of the stored labels (a different --epochs or --batch-size is an error).
 
 Labels (`--labels`): `stored` reads relabel's files (default), `online` runs the teacher on each
-batch (nothing stored; the same top-k / precision compression when --topk / --precision are given),
+batch (nothing stored; compressed as relabel would when --topk / --rank / --precision are given),
 `hard` is cross-entropy on the class labels (CutMix-mixed by area).
 
 Honest comparison (DESIGN "Honest comparison", DD-Ranking arXiv 2505.13300): with `--baseline random`
@@ -63,6 +63,7 @@ def get_args_parser():
     g.add_argument("--seeds", type=int, default=1, help="students per configuration: --seed, --seed+1, ...")
     g.add_argument("--eval-every", type=int, default=None, help="validate every N epochs (default epochs/5)")
     g.add_argument("--topk", type=int, default=None, help="online labels: compress like relabel --topk")
+    g.add_argument("--rank", type=int, default=None, help="online labels: compress like relabel --rank")
     g.add_argument("--precision", default=None, choices=softlabels.PRECISIONS, help="online labels: as relabel")
     g.add_argument("--no-cutmix", action="store_true", help="online / hard labels: crops and flips only")
     g = p.add_argument_group("baselines and files")
@@ -144,14 +145,32 @@ class StoredLabels:
 
 
 class OnlineLabels:
-    """The teacher on each batch, optionally compressed exactly as relabel would store it."""
+    """The teacher on each batch, optionally compressed exactly as relabel would store it. A rank-r
+    codec needs the whole epoch (its basis is the epoch's): the epoch's batches are then replayed and
+    labelled at its first batch, so the targets equal stored ones bit for bit."""
     kind = "online"
 
-    def __init__(self, teacher, num_classes: int, topk=None, precision=None):
-        self.teacher, self.num_classes, self.topk, self.precision = teacher, num_classes, topk, precision
+    def __init__(self, teacher, num_classes: int, topk=None, precision=None, rank=None):
+        self.teacher, self.num_classes = teacher, num_classes
+        self.topk, self.precision, self.rank = topk, precision, rank
+        self.dataset = self.plan = self.epoch = self.entry = None
+
+    def bind(self, dataset, plan) -> None:
+        """The replay the student trains on (used by the per-epoch codec)."""
+        self.dataset, self.plan, self.epoch = dataset, plan, None
 
     @torch.no_grad()
     def targets(self, item: dict, x: torch.Tensor) -> torch.Tensor:
+        if self.rank is not None:
+            e, b = int(item["epoch"]), int(item["batch"])
+            if e != self.epoch:
+                logits = [self.teacher(self.dataset[(e, k)]["x"].to(x.device))
+                          for k in range(self.plan.batches_per_epoch)]
+                self.entry = softlabels.encode(torch.cat(logits), None, self.precision or "fp16", self.rank)
+                self.epoch = e
+            start = b * self.plan.batch_size
+            entry = softlabels.slice_entry(self.entry, start, start + x.shape[0])
+            return softlabels.decode(entry, self.num_classes).to(x.device)
         t = self.teacher(x)
         if self.topk is None and self.precision is None:
             return t.float()
@@ -172,8 +191,11 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
         optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * e / args.epochs)))
     norm_w = (iset.weights / iset.weights.mean()).to(device)
     labels = iset.labels.to(device)
-    loader = DataLoader(augment.ReplayDataset(iset.images, plan, spec, info.mean, info.std), batch_size=None,
-                        sampler=augment.ReplaySampler(plan, range(args.epochs)), num_workers=args.workers)
+    dataset = augment.ReplayDataset(iset.images, plan, spec, info.mean, info.std)
+    if hasattr(source, "bind"):
+        source.bind(dataset, plan)
+    loader = DataLoader(dataset, batch_size=None, sampler=augment.ReplaySampler(plan, range(args.epochs)),
+                        num_workers=args.workers)
     history, running, seen = [], 0.0, 0
     last_batch = plan.batches_per_epoch - 1
     bar = tqdm(loader, desc=desc, total=args.epochs * plan.batches_per_epoch, leave=False)
@@ -286,7 +308,8 @@ def resolve_label_settings(args, info, syn, paths, teacher_path, synthetic_path)
     if settings["augment"].get("version") != augment.AUG_VERSION:
         cli.fail(f"the labels in {paths.labels} use augmentation version {settings['augment'].get('version')}, "
                  f"this code replays version {augment.AUG_VERSION}. Rerun relabel.py.")
-    for flag in ("topk", "precision"):
+    settings.setdefault("rank", None)
+    for flag in ("topk", "rank", "precision"):
         if getattr(args, flag) is not None and getattr(args, flag) != settings[flag]:
             cli.fail(f"--{flag} {getattr(args, flag)} differs from the stored labels' {settings[flag]}; drop the "
                      "flag (the random baseline uses the stored compression) or rerun relabel.py.")
@@ -311,11 +334,16 @@ def main(args):
     if args.labels == "stored":
         settings = resolve_label_settings(args, info, syn, paths, teacher_path, synthetic_path)
         spec = augment.AugmentSpec.from_dict(settings["augment"])
-        aug_seed, topk, precision = settings["seed"], settings["topk"], settings["precision"]
+        aug_seed, topk, precision, rank = settings["seed"], settings["topk"], settings["precision"], settings["rank"]
+        if args.no_cutmix and spec.cutmix:
+            cli.fail("--no-cutmix does not apply to --labels stored: the student replays relabel's batches, "
+                     "which used CutMix. Rerun relabel.py with --no-cutmix, or use --labels online / hard.")
     else:
         subsets.default_batch_size(args)
         spec = augment.spec_for(info, source_size=syn.images.shape[-1], cutmix=not args.no_cutmix)
-        aug_seed, topk, precision = args.seed, args.topk, args.precision
+        aug_seed, topk, precision, rank = args.seed, args.topk, args.precision, args.rank
+        if topk is not None and rank is not None:
+            cli.fail("--topk and --rank are two ways to compress the labels: pass one of them.")
     data.preset_defaults(args, "evaluate")
     if args.epochs < 1 or args.batch_size < 1:
         cli.fail(f"--epochs and --batch-size must be at least 1 (got {args.epochs}, {args.batch_size}).")
@@ -324,7 +352,7 @@ def main(args):
     needs_teacher = args.labels == "online" or (args.baseline == "random" and args.labels != "hard")
     cli.print_config("evaluate", args, classes=info.num_classes, image_size=info.image_size, stem=info.stem,
                      device_resolved=str(device), augmentation=spec.as_dict(), augmentation_seed=aug_seed,
-                     label_compression=f"topk={topk} precision={precision}")
+                     label_compression=f"topk={topk} rank={rank} precision={precision}")
 
     teacher, teacher_art = (None, None)
     if needs_teacher or os.path.isfile(teacher_path):
@@ -338,20 +366,20 @@ def main(args):
 
     plan = augment.ReplayPlan(len(syn), args.batch_size, aug_seed)
     soft_desc = {"stored": "soft, stored", "online": "soft, teacher online", "hard": "hard"}[args.labels]
-    comp = (f"top-{topk}" if topk else "all logits") + f", {precision or 'fp32'}"
+    comp = softlabels.describe(topk, precision or "fp32", rank)
     configs = []  # (key, images label, ImageSet, label source, description)
     if args.labels == "stored":
         configs.append(("distilled/soft", "distilled", syn, StoredLabels(paths.labels, settings, plan),
                         f"{soft_desc} ({comp}), T = {args.temperature:g}"))
     elif args.labels == "online":
-        configs.append(("distilled/soft", "distilled", syn, OnlineLabels(teacher, info.num_classes, topk, precision),
+        configs.append(("distilled/soft", "distilled", syn, OnlineLabels(teacher, info.num_classes, topk, precision, rank),
                         f"{soft_desc} ({comp}), T = {args.temperature:g}"))
     configs.append(("distilled/hard", "distilled", syn, None, "hard"))
     if args.baseline == "random":
         real = subsets.random_real_subset(info, args, syn.ipc, args.seed)
         if args.labels != "hard":
             configs.append(("random/soft", f"random real (seed {args.seed})", real,
-                            OnlineLabels(teacher, info.num_classes, topk, precision),
+                            OnlineLabels(teacher, info.num_classes, topk, precision, rank),
                             f"soft, teacher online ({comp}, as distilled), T = {args.temperature:g}"))
         configs.append(("random/hard", f"random real (seed {args.seed})", real, None, "hard"))
 
@@ -360,7 +388,8 @@ def main(args):
     for key, images_desc, iset, source, label_desc in configs:
         per_seed = []
         for s in seeds:
-            rec = train_student(iset, source, args, info, spec, plan, device, val_loader, s, desc=f"{key} seed {s}")
+            iplan = plan if len(iset) == len(syn) else augment.ReplayPlan(len(iset), args.batch_size, aug_seed)
+            rec = train_student(iset, source, args, info, spec, iplan, device, val_loader, s, desc=f"{key} seed {s}")
             per_seed.append(rec)
             print(f"[evaluate] {key} seed {s}: top-1 {rec['top1']:.2f} top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)")
         runs.append({"key": key, "images": images_desc, "label_desc": label_desc, "per_seed": per_seed,

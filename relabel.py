@@ -15,8 +15,9 @@ the digits preset is shorter.
 
 Storage (wmdd/softlabels.py): `labels/manifest.pt` (settings, teacher and synthetic sha256, class
 labels, barycenter weights) and one `labels/epoch_XXXX.pt` per epoch with the logits in fp16, or with
---topk K only the K largest per image (+ their class indices and the mean of the others), and with
---precision int8 as 8-bit codes. Rerunning skips epochs already written with the same settings, so an
+--topk K only the K largest per image (+ their class indices and the mean of the others), or with
+--rank R a rank-R approximation (the epoch's principal directions + R coefficients per image), and with
+--precision int8 as 8-bit codes (bench/RESULTS.md, "Labels": bytes and accuracy of each). Rerunning skips epochs already written with the same settings, so an
 interrupted run resumes, and shards (--epochs-range) fill one directory.
 """
 from __future__ import annotations
@@ -43,6 +44,9 @@ def get_args_parser():
                    help="a:b computes only epochs a..b-1 (0-based) of --epochs, to shard the work")
     g.add_argument("--topk", type=int, default=None,
                    help="store the K largest logits per image and their indices (default: all logits)")
+    g.add_argument("--rank", type=int, default=None,
+                   help="store a rank-R approximation instead: each epoch's principal directions of the "
+                        "(per-image centred) logits and R coefficients per image (default: all logits)")
     g.add_argument("--precision", default="fp16", choices=softlabels.PRECISIONS,
                    help="stored values: fp16, or int8 codes of a per-image affine map")
     g.add_argument("--no-cutmix", action="store_true", help="crops and flips only")
@@ -69,7 +73,7 @@ def label_settings(args, info, syn, spec, teacher_path, synthetic_path) -> dict:
     """What the stored labels depend on; evaluate replays from exactly these."""
     return {"epochs": int(args.epochs), "batch_size": int(args.batch_size), "seed": int(args.seed),
             "num_images": len(syn), "num_classes": info.num_classes,
-            "augment": spec.as_dict(), "topk": args.topk, "precision": args.precision,
+            "augment": spec.as_dict(), "topk": args.topk, "rank": args.rank, "precision": args.precision,
             "teacher_sha256": artifacts.sha256_file(teacher_path),
             "synthetic_sha256": artifacts.sha256_file(synthetic_path)}
 
@@ -84,21 +88,22 @@ def relabel_epochs(teacher, dataset, plan, epochs, settings, labels_dir, info, d
     if not todo:
         return 0
     loader = DataLoader(dataset, batch_size=None, sampler=augment.ReplaySampler(plan, todo), num_workers=workers)
-    entries, digests, stored_bytes = [], [], 0
+    logits_epoch, digests, stored_bytes = [], [], 0
     bar = tqdm(loader, desc="relabel", total=len(todo) * plan.batches_per_epoch)
     for item in bar:
         logits = teacher(item["x"].to(device, non_blocking=True))
         if not torch.isfinite(logits).all():
             cli.fail(f"the teacher produced non-finite logits on epoch {item['epoch']} batch {item['batch']}. "
                      "Check the teacher checkpoint (squeeze.py) and the synthetic images.")
-        entries.append(softlabels.encode(logits, settings["topk"], settings["precision"]))
+        logits_epoch.append(logits.float() if settings["rank"] else logits.float().cpu())
         digests.append(item["digest"])
         if item["batch"] == plan.batches_per_epoch - 1:
-            entry = softlabels.concat(entries)
+            entry = softlabels.encode(torch.cat(logits_epoch), settings["topk"], settings["precision"],
+                                      settings["rank"])
             softlabels.write_epoch(labels_dir, item["epoch"], entry, torch.tensor(digests, dtype=torch.int64),
                                    settings, info.name)
             stored_bytes += softlabels.entry_nbytes(entry) + 8 * len(digests)
-            entries, digests = [], []
+            logits_epoch, digests = [], []
             bar.set_postfix(epoch=item["epoch"] + 1, kib=f"{stored_bytes / 1024:.0f}")
     return stored_bytes
 
@@ -117,8 +122,10 @@ def main(args):
     epochs = parse_epochs_range(args.epochs_range, args.epochs)
     if args.batch_size < 1:
         cli.fail(f"--batch-size must be at least 1, got {args.batch_size}.")
-    if args.topk is not None and args.topk < 1:
-        cli.fail(f"--topk must be at least 1, got {args.topk}.")
+    if args.topk is not None and args.topk < 1 or args.rank is not None and args.rank < 1:
+        cli.fail(f"--topk and --rank must be at least 1 (got {args.topk}, {args.rank}).")
+    if args.topk is not None and args.rank is not None:
+        cli.fail("--topk and --rank are two ways to compress the logits: pass one of them.")
     cli.print_config("relabel", args, classes=info.num_classes, image_size=info.image_size,
                      crop_scale=info.crop_scale, flip=info.flip, device_resolved=str(device),
                      labels_dir=paths.labels, epochs_here=f"{epochs.start}:{epochs.stop}")
@@ -132,12 +139,12 @@ def main(args):
                                batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
                                barycenter_weights="payload `weights`",
                                weights_uniform=bool(torch.allclose(syn.weights, syn.weights.mean())),
-                               augment=spec.as_dict(), topk=args.topk, precision=args.precision)
+                               augment=spec.as_dict(), topk=args.topk, rank=args.rank, precision=args.precision)
     softlabels.write_manifest(paths.labels, settings, syn.labels, syn.weights, meta)
 
     dataset = augment.ReplayDataset(syn.images, plan, spec, info.mean, info.std)
     stored = relabel_epochs(teacher, dataset, plan, list(epochs), settings, paths.labels, info, device, args.workers)
-    per_image_epoch = softlabels.bytes_per_image(info.num_classes, args.topk, args.precision)
+    per_image_epoch = softlabels.bytes_per_image(info.num_classes, args.topk, args.precision, args.rank)
     fkd = softlabels.fkd_bytes_per_batch(info.num_classes, args.batch_size) / args.batch_size
     print(f"[relabel] wrote {len(epochs)} epoch(s) x {plan.batches_per_epoch} batch(es) of soft labels to "
           f"{paths.labels} ({stored / 1024:.1f} KiB payload this run; {per_image_epoch} B per image-epoch vs "

@@ -92,6 +92,33 @@ def test_stored_equals_online_labels(labelled):
         stored.targets(tampered, tampered["x"])
 
 
+def test_rank_codec_stored_equals_online(labelled, tmp_path):
+    """The rank-r codec's basis is per epoch: online labels replay the epoch first and match stored ones."""
+    out = copy_run(labelled, tmp_path / "rank")
+    run_stage(relabel, ["--dataset", "digits", "--ipc", 10, "--out", out, "--epochs", 2, "--batch-size", 40,
+                        "--rank", 3, "--precision", "int8"])
+    paths = artifacts.run_paths(out)
+    info = digits_info()
+    teacher, _ = models.load_teacher(paths.teacher, info)
+    settings = softlabels.read_manifest(paths.labels)["settings"]
+    assert settings["rank"] == 3
+    plan = augment.ReplayPlan(100, 40, settings["seed"])
+    syn = artifacts.load(paths.synthetic)
+    ds = augment.ReplayDataset(syn["images"], plan, augment.AugmentSpec.from_dict(settings["augment"]),
+                               info.mean, info.std)
+    stored = evaluate.StoredLabels(paths.labels, settings, plan)
+    online = evaluate.OnlineLabels(teacher, 10, None, "int8", 3)
+    online.bind(ds, plan)
+    for e in range(2):
+        for b in range(3):
+            item = ds[(e, b)]
+            got = stored.targets(item, item["x"])
+            assert got.shape == (item["x"].shape[0], 10)
+            assert torch.equal(got, online.targets(item, item["x"]))
+    entry = softlabels.read_epoch(paths.labels, 0, settings)["entry"]
+    assert entry["code"].shape == (100, 3) and entry["shared_basis"].shape == (3, 10)
+
+
 def test_no_weight_decay_on_bn_and_bias():
     model = models.build_model("resnet18", 10, "small", 32)
     decay, no_decay = evaluate.param_groups(model, 0.01)

@@ -162,6 +162,25 @@ def test_topk_and_int8_reconstruction():
     step = (top.values.max(1).values - top.values.min(1).values) / 255
     assert ((back - top.values).abs() <= step[:, None] * 0.5 + 2e-2).all()
     assert softlabels.entry_nbytes(q) == 64 * softlabels.bytes_per_image(1000, k, "int8")
+    # rank r: the best rank-r approximation of the per-image centred logits, up to fp16 rounding
+    logits = logits[:, :200]
+    low = logits[:, :40] @ torch.randn(40, 200, generator=g) * 0.1 + torch.randn(64, 1, generator=g) * 5
+    r = softlabels.encode(low, rank=40)
+    assert r["shared_basis"].shape == (40, 200) and r["values"].shape == (64, 40)
+    torch.testing.assert_close(softlabels.decode(r, 200), low, atol=0.05, rtol=0)  # rank 40 data: exact
+    approx = softlabels.decode(softlabels.encode(logits, rank=8), 200)
+    centred = logits - logits.mean(1, keepdim=True)
+    sv = torch.linalg.svdvals(centred - centred.mean(0))
+    best = (sv[8:] ** 2).sum()                                                # Eckart-Young
+    err = ((approx - approx.mean(1, keepdim=True)) - centred).pow(2).sum()
+    assert best * 0.999 <= err <= best * 1.01
+    torch.testing.assert_close(approx.mean(1), logits.mean(1), atol=1e-2, rtol=0)   # offsets kept
+    q = softlabels.encode(logits, rank=8, precision="int8")
+    assert softlabels.entry_nbytes(q) == 64 * softlabels.bytes_per_image(200, None, "int8", 8) + \
+        softlabels.shared_bytes(200, 8)
+    part = softlabels.slice_entry(q, 10, 20)
+    torch.testing.assert_close(softlabels.decode(part, 200), softlabels.decode(q, 200)[10:20])
+    assert "shared_basis" not in softlabels.encode(logits[:, :10], rank=9)   # rank >= C - 1: lossless codec
     # small class counts: uint8 indices; k >= C keeps everything
     assert softlabels.encode(logits[:, :10], topk=3)["indices"].dtype == torch.uint8
     assert "indices" not in softlabels.encode(logits[:, :10], topk=10)

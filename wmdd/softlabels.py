@@ -14,10 +14,18 @@ Nothing about the augmentation is stored beyond the digest: it is replayed from 
 - `topk=None, precision="fp16"`: every logit in fp16 (FKD's format minus the augmentation record).
 - `topk=k`: the k largest logits and their class indices (uint8 / int16 / int32 by class count), plus
   one fp16 `tail` value, the mean of the other logits, which `decode` writes into the other classes.
-- `precision="int8"`: values as uint8 codes of an affine map per image (fp16 `lo` and `step`):
-  value = lo + code * step. The error is at most step / 2 = (max - min) / 510 of that image's values.
+- `rank=r`: a rank-r approximation. Each image's mean logit is removed (fp16 `offset`: softmax, and so
+  the KL, does not depend on it), then the epoch's logits are projected on their r principal directions:
+  one fp16 basis [r, C] and centre [C] per epoch (`shared_*`), and r coefficients per image. At T = 20
+  the KL is close to its high-temperature limit, a squared error between centred logits (Hinton et al.),
+  and the principal-component truncation is the best rank-r approximation in that error; top-k keeps
+  the k largest logits exactly but flattens the other C - k, which carry most of that error.
+- `precision="int8"`: values (logits, top-k values or coefficients) as uint8 codes of an affine map per
+  image (fp16 `lo` and `step`): value = lo + code * step. The error is at most step / 2 = (max - min) / 510.
 
-`decode` always returns float32 logits [n, C], so the loss code never sees the compression.
+`encode` sees a whole epoch (the rank-r basis is the epoch's); every other codec is per image, so
+encoding batch by batch gives the same bytes. `decode` always returns float32 logits [n, C], so the loss
+code never sees the compression.
 """
 from __future__ import annotations
 
@@ -49,12 +57,33 @@ def _dequantize(entry: dict) -> torch.Tensor:
     return entry["lo"].float()[:, None] + entry["code"].float() * entry["step"].float()[:, None]
 
 
-def encode(logits: torch.Tensor, topk: int | None = None, precision: str = "fp16") -> dict:
-    """Compress float logits [n, C] (any device) to a dict of small CPU tensors."""
+def _encode_lowrank(logits: torch.Tensor, rank: int, precision: str) -> dict:
+    x = logits.double()
+    offset = x.mean(dim=1)
+    xc = x - offset[:, None]
+    center = xc.mean(dim=0)
+    y = xc - center
+    _, vectors = torch.linalg.eigh(y.T @ y)                     # ascending eigenvalues
+    basis = vectors[:, -rank:].flip(1).T.contiguous()          # [r, C], largest first
+    basis16, center16 = basis.half(), center.half()
+    coef = ((xc - center16.double()) @ basis16.double().T).float()   # projection on the stored basis
+    entry = {"shared_basis": basis16.cpu(), "shared_center": center16.cpu(), "offset": offset.half().cpu()}
+    entry.update({"values": coef.half().cpu()} if precision == "fp16" else _quantize(coef.cpu()))
+    return entry
+
+
+def encode(logits: torch.Tensor, topk: int | None = None, precision: str = "fp16", rank: int | None = None) -> dict:
+    """Compress float logits [n, C] (any device; a whole epoch for `rank`) to a dict of small CPU tensors."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    logits = logits.detach().float().cpu()
+    if topk is not None and rank is not None:
+        raise ValueError("topk and rank are two codecs: give one of them")
     n, C = logits.shape
+    if rank is not None and rank < C - 1:
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        return _encode_lowrank(logits.detach().float(), rank, precision)   # on the logits' device
+    logits = logits.detach().float().cpu()
     if topk is None or topk >= C:
         values, entry = logits, {}
     else:
@@ -73,32 +102,45 @@ def encode(logits: torch.Tensor, topk: int | None = None, precision: str = "fp16
 def decode(entry: dict, num_classes: int) -> torch.Tensor:
     """float32 logits [n, C] from an `encode` dict (or a slice of one, see `slice_entry`)."""
     values = entry["values"].float() if "values" in entry else _dequantize(entry)
+    if "shared_basis" in entry:
+        return entry["offset"].float()[:, None] + entry["shared_center"].float() + \
+            values @ entry["shared_basis"].float()
     if "indices" not in entry:
         return values
     dense = entry["tail"].float()[:, None].expand(values.shape[0], num_classes).clone()
     return dense.scatter_(1, entry["indices"].long(), values)
 
 
-def concat(entries: list) -> dict:
-    return {k: torch.cat([e[k] for e in entries]) for k in entries[0]}
-
-
 def slice_entry(entry: dict, start: int, stop: int) -> dict:
-    return {k: v[start:stop] for k, v in entry.items()}
+    """Images start..stop-1 of an encoded epoch (the per-epoch `shared_*` tensors are kept whole)."""
+    return {k: (v if k.startswith("shared_") else v[start:stop]) for k, v in entry.items()}
 
 
 def entry_nbytes(entry: dict) -> int:
     return sum(v.numel() * v.element_size() for v in entry.values())
 
 
-def bytes_per_image(num_classes: int, topk: int | None = None, precision: str = "fp16") -> int:
-    """Payload bytes one image-epoch takes in our format (the batch digest, 8 bytes per batch, and the
-    per-file container overhead come on top; bench/bench_labels.py measures both)."""
+def bytes_per_image(num_classes: int, topk: int | None = None, precision: str = "fp16", rank: int | None = None) -> int:
+    """Payload bytes one image-epoch takes in our format (the batch digest, 8 bytes per batch, the rank-r
+    basis, `shared_bytes` per epoch, and the per-file container overhead come on top;
+    bench/bench_labels.py measures them)."""
+    if rank is not None and rank < num_classes - 1:
+        return (2 * rank if precision == "fp16" else rank + 4) + 2   # coefficients + fp16 offset
     k = num_classes if topk is None or topk >= num_classes else topk
     value_bytes = 2 * k if precision == "fp16" else k + 4          # codes + fp16 lo + fp16 step
     if k == num_classes:
         return value_bytes
     return value_bytes + k * torch.empty(0, dtype=index_dtype(num_classes)).element_size() + 2  # + tail
+
+
+def shared_bytes(num_classes: int, rank: int | None = None) -> int:
+    """Per-epoch payload shared by all images: the rank-r basis and centre (fp16)."""
+    return 2 * (rank + 1) * num_classes if rank is not None and rank < num_classes - 1 else 0
+
+
+def describe(topk=None, precision="fp16", rank=None) -> str:
+    what = f"rank {rank}" if rank is not None else ("all logits" if topk is None else f"top-{topk}")
+    return f"{what}, {precision}"
 
 
 def fkd_bytes_per_batch(num_classes: int, batch_size: int) -> int:
