@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,6 +14,8 @@ from torch.utils.data import DataLoader
 import squeeze
 from tests.conftest import copy_run, make_tiny_tree, run_stage
 from wmdd import artifacts, bnstats, cli, data, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli_exit_code(module, argv) -> int:
@@ -78,34 +84,41 @@ def test_stats_only_accepts_plain_torchvision_state_dict(digits_run, tmp_path):
     assert os.path.exists(artifacts.run_paths(out).teacher)  # downstream stages get a teacher.pt with meta
 
 
-def test_squeeze_resumes_after_interruption_identically(tmp_path, monkeypatch):
-    """Kill the run right after epoch 1's checkpoint; the rerun resumes and ends as a straight run."""
+def _squeeze_process(argv) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "squeeze.py"), *map(str, argv)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_squeeze_killed_mid_run_resumes_identically(tmp_path):
+    """SIGKILL a real squeeze after its first epoch checkpoint; the rerun resumes and ends as a straight run."""
     tree = make_tiny_tree(tmp_path / "tiny", num_classes=3, train_per_class=4, val_per_class=1)
     common = ["--dataset", "tiny", "--data-dir", tree["root"], "--resolution", "64", "--arch", "convnet",
-              "--batch-size", "4", "--seed", "3", "--epochs", "2"]
+              "--batch-size", "4", "--seed", "3", "--epochs", "4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_stage(squeeze, common + ["--out", straight])
+    assert _squeeze_process(common + ["--out", straight]).wait(timeout=600) == 0
 
-    real_save = artifacts.save
-
-    def save_then_die(path, payload, meta):
-        real_save(path, payload, meta)
-        if path.endswith("squeeze_checkpoint.pt"):
-            raise KeyboardInterrupt("killed after the first epoch")
-    monkeypatch.setattr(artifacts, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(squeeze, common + ["--out", resumed])
-    monkeypatch.undo()
+    victim = _squeeze_process(common + ["--out", resumed])
+    checkpoint = artifacts.run_paths(resumed).squeeze_checkpoint
+    deadline = time.time() + 600
+    while not os.path.exists(checkpoint) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not os.path.exists(artifacts.run_paths(resumed).teacher)
-    run_stage(squeeze, common + ["--out", resumed])
+
+    rerun = _squeeze_process(common + ["--out", resumed])
+    output = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, output[-2000:]
+    assert "resuming from" in output
     a = artifacts.load(artifacts.run_paths(straight).teacher)["model"]
     b = artifacts.load(artifacts.run_paths(resumed).teacher)["model"]
     for k in a:
-        torch.testing.assert_close(a[k], b[k])
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
     # a checkpoint from another recipe is refused with a clear message, not silently resumed
-    changed = common[:-1] + ["3"]
-    assert _cli_exit_code(squeeze, changed + ["--out", resumed]) == 2
+    assert _cli_exit_code(squeeze, common[:-1] + ["5", "--out", resumed]) == 2
 
 
 @pytest.mark.parametrize("resolution", [64, 224])
