@@ -1,7 +1,8 @@
 """Side-by-side timings of the compiled kernels (wmdd._C) against their references, in one run.
 
-    python bench/bench_kernels.py            # default: ~2-3 minutes on 2 CPU cores
-    python bench/bench_kernels.py --quick    # smaller sizes, a smoke run
+    python bench/bench_kernels.py               # default: ~2-3 minutes on 2 idle CPU cores
+    python bench/bench_kernels.py --quick       # smaller sizes, a smoke run
+    python bench/bench_kernels.py --threads 1   # every method on one thread
 
 1. class_moments on one BN-input-sized tensor: extension vs the torch reference (index_add_) vs a naive
    per-class Python loop.
@@ -101,7 +102,7 @@ def bench_moments(quick: bool) -> str:
                 fns["ext"] = lambda: ops.class_moments(x, y, num_classes, impl="ext")
                 xl = x.contiguous(memory_format=torch.channels_last)
                 fns["ext_cl"] = lambda: ops.class_moments(xl, y, num_classes, impl="ext")
-            t = interleaved(fns, 3 if quick else 7)
+            t = interleaved(fns, 3 if quick else 5)
             ext = t.get("ext", float("nan"))
             rows.append([f"{list(shape)}", num_classes, f"{ext * 1e3:.2f}", f"{t.get('ext_cl', float('nan')) * 1e3:.2f}",
                          f"{t['ref'] * 1e3:.2f}", f"{t['naive'] * 1e3:.2f}",
@@ -114,7 +115,7 @@ def bench_stats_pass(quick: bool) -> str:
     from wmdd.bnstats import ClassMomentHooks
     from wmdd.models import build_model
 
-    n_images, batch = (64, 32) if quick else (512, 128)
+    n_images, batch = (64, 32) if quick else (256, 128)
     g = torch.Generator().manual_seed(0)
     data = torch.randn(n_images, 3, 32, 32, generator=g)
     labels = torch.randint(0, 10, (n_images,), generator=g)
@@ -138,7 +139,7 @@ def bench_stats_pass(quick: bool) -> str:
         fns = {"plain": plain, "ref": stats("ref")}
         if ops.ext_available():
             fns["ext"] = stats("ext")
-        t = interleaved(fns, 2 if quick else 5)
+        t = interleaved(fns, 2 if quick else 3)
         n_bn = sum(1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         rows.append([f"{arch} ({n_bn} BN), {n_images} x 3x32x32, batch {batch}", f"{t['plain']:.3f}",
                      f"{t.get('ext', float('nan')):.3f}", f"{t['ref']:.3f}",
@@ -162,7 +163,7 @@ def bench_sinkhorn(quick: bool) -> str:
     import ot
 
     bsz, k, n, d = (20, 50, 500, 512) if quick else (100, 50, 500, 512)
-    reg, iters = 0.05, 20
+    reg, iters = 0.05, 10
     rows = []
     for dtype in (torch.float64, torch.float32):
         cost, a, b = sinkhorn_problems(bsz, k, n, d, dtype)

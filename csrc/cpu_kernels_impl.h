@@ -201,7 +201,21 @@ static void moments_nsc(const T* x, const int64_t* y, int64_t n0, int64_t n1, in
     double* __restrict as = acc;
     double* __restrict aq = acc_sq;
     for (int64_t ch = c0; ch < c1; ++ch) as[ch] = aq[ch] = 0.0;
-    for (int64_t sp = 0; sp < s; ++sp) {
+    int64_t sp = 0;
+    for (; sp + 4 <= s; sp += 4) {  // four positions per sweep: a quarter of the accumulator traffic
+      const T* __restrict r0 = x + (i * s + sp) * c;
+      const T* __restrict r1 = r0 + c;
+      const T* __restrict r2 = r1 + c;
+      const T* __restrict r3 = r2 + c;
+#pragma omp simd
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        double v0 = static_cast<double>(r0[ch]), v1 = static_cast<double>(r1[ch]);
+        double v2 = static_cast<double>(r2[ch]), v3 = static_cast<double>(r3[ch]);
+        as[ch] += (v0 + v1) + (v2 + v3);
+        aq[ch] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3);
+      }
+    }
+    for (; sp < s; ++sp) {
       const T* __restrict row = x + (i * s + sp) * c;
 #pragma omp simd
       for (int64_t ch = c0; ch < c1; ++ch) {

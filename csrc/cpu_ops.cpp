@@ -75,6 +75,8 @@ const wmdd_cpu::Kernels<double>& kernels<double>() { return table().f64; }
 // ---------------------------------------------------------------------------------------------
 // class_moments
 
+std::atomic<int64_t> g_moments_parallel_min{int64_t{1} << 24};
+
 template <typename T>
 void moments_cpu(const at::Tensor& x, bool channels_inner, int64_t n, int64_t c, int64_t s, const int64_t* y,
                  int64_t num_classes, double* sum, double* sumsq) {
@@ -83,10 +85,12 @@ void moments_cpu(const at::Tensor& x, bool channels_inner, int64_t n, int64_t c,
   const int64_t threads = at::get_num_threads();
   const int64_t total = n * c * s;
   const int64_t kc = num_classes * c;
-  // Below ~1M values (a few hundred microseconds on one core) the calling thread does it alone: a
-  // parallel region costs microseconds on an idle machine and milliseconds on a busy one (it waits for
-  // every thread to be scheduled), and these calls come from hooks during a forward pass.
-  const bool serial = threads <= 1 || total < (int64_t{1} << 20) || at::in_parallel_region();
+  // The sums are memory-bound and one core streams ~25 GB/s through them, so below g_moments_parallel_min
+  // values (default 2^24: 64 MB of float32, ~3 ms) the calling thread does it alone. Threads would
+  // save little there, and a parallel region costs microseconds on an idle machine but milliseconds on
+  // a busy one (it waits until every thread is scheduled); these calls come from hooks on every
+  // BatchNorm input of a forward pass.
+  const bool serial = threads <= 1 || total < g_moments_parallel_min.load() || at::in_parallel_region();
   // Channels split across threads (no two threads write the same output) unless there are too few
   // channels to share; then samples are split and every thread keeps partial sums.
   const bool by_channel = c >= (channels_inner ? 16 : 2) * threads;
@@ -373,6 +377,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& cost, cons
 }  // namespace
 
 const char* cpu_isa() { return table().isa; }
+
+int64_t set_moments_parallel_min(int64_t values) { return g_moments_parallel_min.exchange(values); }
 
 bool set_cpu_isa(const std::string& name) {
   const KernelTable* t = table_for(name);

@@ -47,4 +47,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", []() { return std::string(wmdd::cpu_isa()); }, "instruction set of the CPU kernels in use");
   m.def("set_cpu_isa", [](const std::string& name) { return wmdd::set_cpu_isa(name); },
         "use the CPU kernels compiled for this instruction set (avx512, avx2, default); False if unavailable");
+  m.def("set_moments_parallel_min", [](int64_t values) { return wmdd::set_moments_parallel_min(values); },
+        "class_moments uses threads from this many values on (default 2**24); returns the previous value");
 }
