@@ -182,7 +182,8 @@ def bench_case(name, n, k, n_classes, sub, args, extrapolate=None):
 
 
 def markdown(rows, header: str, extrapolate_to: int | None) -> str:
-    cols = "| case | method | classes run | CPU s / class | wall s / class | mean W2^2 | W2^2 / reference (mean, worst) | reference | speed-up (CPU) | outer iters |"
+    cols = ("| case | method | classes run | CPU s / class | wall s / class | mean W2^2 (its classes) | "
+            "W2^2 / reference (mean, worst; common classes) | reference | speed-up (CPU) | outer iters |")
     if extrapolate_to:
         cols += f" CPU h for {extrapolate_to} classes |"
     lines = [header, "", cols, "|" + "---|" * (cols.count("|") - 1)]
@@ -190,7 +191,7 @@ def markdown(rows, header: str, extrapolate_to: int | None) -> str:
         outer = "" if r["outer"] is None else f"{r['outer']:.1f}"
         line = (f"| {r['case']} | {r['method']} | {r['classes']} | {r['cpu']:.3f} | {r['wall']:.3f} | "
                 f"{r['w2']:.4g} | {r['ratio_mean']:.4f}, {r['ratio_max']:.4f} | {r['vs']} | "
-                f"{r['speedup']:.1f}x | {outer} |")
+                f"{r['speedup']:.3g}x | {outer} |")
         if extrapolate_to:
             line += f" {r['extrapolated'] / 3600:.2f} |" if "extrapolated" in r else " |"
         lines.append(line)

@@ -9,7 +9,8 @@ With a single input measure this is "balanced k-means" when w is fixed to unifor
 exactly 1/k of the mass), and plain k-means when w is free: for fixed points the optimal w puts on
 each atom the mass of its Voronoi cell, and for a fixed plan the optimal points are the barycentric
 projection B = diag(1/w) T Y. `weights="learned"` therefore converges to a k-means local optimum
-(its objective equals the k-means inertia / n); the tests check this against scikit-learn's KMeans.
+(its objective equals the k-means inertia / n); the tests check this against scikit-learn's KMeans
+started from the same points.
 
 Solvers (`solver=`):
 
@@ -19,25 +20,38 @@ Solvers (`solver=`):
   10 outer steps; 100 mirror-descent steps on the max-normalised cost with EMD dual potentials,
   step 10, weights restarted from uniform each outer step; then a full exact location solve, damped
   by theta = 0.2). One class at a time on the CPU; it is the oracle in the tests.
-- ``"sinkhorn"``: Cuturi & Doucet (2014) alternation with entropic plans, all classes batched:
-  (a) log-domain Sinkhorn through ``ops.sinkhorn_log_batched`` (compiled kernel when built), on the
-  *normalised* cost (coordinates divided per class by sqrt(s), s = mean squared distance between two
-  points of the class = 2 x total variance, so epsilon is relative to the cost scale); epsilon
-  decreases geometrically from ``eps0`` to ``reg`` across outer iterations (epsilon scaling), and the
-  dual potentials are warm-started across outer iterations; (b) the location update B = diag(1/w) T Y,
-  where an atom with (numerically) no mass keeps its previous location; (c) with learned weights, the
-  mirror-descent step of Algorithm 2: w <- w * exp(-t f) / Z, with f the Sinkhorn dual potential of
-  the atoms (the subgradient of the transport cost in w) and t = md_step / epsilon (md_step 1 is the
-  largest stable step: its fixed point is the entropic optimum of w). Stops when, at the target
-  epsilon, the weighted atom displacement and the relative change of the transport cost are below
-  ``tol``.
-  Finish ("polish"): the entropic plan is blurred by epsilon, so the alternation ends with exact steps
-  that only lower the objective: with learned weights, Lloyd steps (the epsilon -> 0 limit of the same
-  alternation: Voronoi masses as weights, cell means as points) until the assignment is stable; with
-  uniform weights, ``polish`` exact-EMD location updates (default 1).
+- ``"sinkhorn"``: Cuturi & Doucet (2014) alternation with entropic plans, all classes batched.
+  Per outer iteration t, for every class still running:
+  (a) the plan. Log-domain Sinkhorn through ``ops.sinkhorn_log_batched`` (the compiled kernel when
+      built), on the *normalised* cost: coordinates are divided per class by sqrt(s), s = mean squared
+      distance between two points of the class (= 2 x total variance), so epsilon is relative to the
+      cost scale. epsilon_t = max(reg, eps0 * eps_decay^t) (epsilon scaling: 0.04 -> 0.02 -> 0.01 by
+      default), the atoms' dual potential warm-starts the next solve, and the plan used has the data
+      marginal exact (g = c-transform of f), so every point carries its mass even before Sinkhorn
+      has converged.
+  (b) the location update B = diag(1/w) T Y (an atom with numerically no mass keeps its location),
+      over-relaxed at the target epsilon: X <- X + theta (B - X), theta = 1.5, back to 1 for good for a
+      class whose transport cost rose.
+  (c) learned weights only. For fixed atoms the entropic transport cost is minimised over w in closed
+      form: P_ij = b_j softmax_i(-C_ij / eps), w = P 1 (no Sinkhorn needed: the column constraint is
+      the only one). This is the fixed point that Algorithm 2's mirror descent on w converges to, taken
+      in one step (`md_steps=0`, the default). `md_steps=m > 0` runs Algorithm 2's own step instead:
+      m multiplicative (KL-prox) steps w <- w exp(-md_step f) / Z with the Sinkhorn dual potential f as
+      the subgradient. Measured (bench/RESULTS.md, tests): the mirror-descent path reaches the same
+      quality but needs many more outer iterations and Sinkhorn solves; its stable step is ~1/(cost
+      gaps), not 1/epsilon (steps ~1/epsilon overshoot and collapse the weights onto few atoms).
+  Stop, per class, from the second iteration at the target epsilon on: Sinkhorn met its tolerance and
+  the weighted atom displacement or the relative change of the transport cost is below ``tol``.
+  Finish (`finish=`): the entropic plan is blurred by epsilon. Learned weights end with exact Lloyd
+  steps ("lloyd", the default for them: Voronoi masses as weights, cell means as points, the
+  epsilon -> 0 limit of the same alternation) until the assignment is stable. Uniform weights end as
+  they are ("none", default); "emd" adds one exact EMD location update (lowers W2^2 a little, costs
+  one network simplex per class), "laguerre" one update with the hard cells of the final potentials.
+  Quality and speed against POT are in bench/RESULTS.md ("Barycenter").
 
-Initialisation: k-means++ on the class's own points (seeded per class, so a class gets the same
-atoms whether it is solved alone, in a batch, or on another rank), never Gaussian noise. (The
+Initialisation: greedy k-means++ on the class's own points (2 + log k candidates per atom, as
+scikit-learn does; seeded per class, so a class gets the same atoms whether it is solved alone, in a
+batch, or on another rank), never Gaussian noise. (The
 released code started from ``np.random.randn``: an init far from the data.)
 
 Objective: `w2_squared` is the exact W2^2 between (X, w) and the uniform empirical measure of the
@@ -276,7 +290,7 @@ def _sinkhorn_barycenter(y, b, counts, x, w, *, learned: bool, reg: float, iters
         if learned and md_steps == 0:
             # free weights, weight step solved exactly: for fixed atoms the entropic optimum over w has
             # P_ij = b_j softmax_i(-C_ij / eps) and w = P 1 (the fixed point of the mirror descent)
-            plan = torch.exp(torch.log(ba).unsqueeze(-2) + torch.log_softmax(-cost / eps, dim=-2))
+            plan = torch.softmax(-cost / eps, dim=-2) * ba.unsqueeze(-2)
             wa = plan.sum(-1).clamp_min(min_weight)
             wa = wa / wa.sum(-1, keepdim=True)
             fa = torch.zeros_like(wa)  # the optimum's potentials are constant
@@ -285,10 +299,11 @@ def _sinkhorn_barycenter(y, b, counts, x, w, *, learned: bool, reg: float, iters
             fa, _, stats = ops.sinkhorn_log_batched(cost, wa, ba, eps, max_iter=inner_iters, tol=abs_tol,
                                                     f_init=fa, impl=impl, return_info=True)
             inner_total += int(stats["n_iter"].sum())
-            # the plan with the data marginal exact: g <- c-transform of f (one half-iteration).
-            # Converged, this is the Sinkhorn plan; if not yet, every point still carries its mass.
-            ga = eps * (torch.log(ba) - torch.logsumexp((fa.unsqueeze(-1) - cost) / eps, dim=-2))
-            plan = ops.sinkhorn_plan(cost, fa, ga, eps)
+            # the plan with the data marginal exact: g <- c-transform of f (one half-iteration), i.e.
+            # P_ij = b_j softmax_i((f_i - C_ij) / eps). Converged, this is the Sinkhorn plan; if not
+            # yet, every point still carries its mass. (One fused softmax: ~10x faster than
+            # logsumexp + exp on the CPU.)
+            plan = torch.softmax((fa.unsqueeze(-1) - cost) / eps, dim=-2) * ba.unsqueeze(-2)
         mass = plan.sum(-1)                                               # [Ca, k] (~ wa)
         transport = (plan * cost).sum((-1, -2)).double()
         # location update B = diag(1/w) T Y; an atom without mass keeps its place
