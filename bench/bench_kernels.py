@@ -15,14 +15,13 @@
    faster than POT torch. All methods run the same fixed number of iterations (tol = 0).
 
 Prints markdown tables (pasted into bench/RESULTS.md, section "Kernels"). Timings interleave the
-methods and keep the median of the repeats, so a busy machine affects all of them alike.
+methods and keep the fastest of the repeats, so a busy machine affects all of them alike.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -56,14 +55,15 @@ def timed(fn, repeats: int) -> list:
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
-    """{name: median seconds}, running the methods round-robin (each once as warm-up)."""
+    """{name: fastest seconds}, running the methods round-robin (each once as warm-up). The minimum is
+    the estimate least disturbed by other processes on a shared machine."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name] += timed(fn, 1)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 def table(header, rows) -> str:
@@ -140,12 +140,32 @@ def bench_stats_pass(quick: bool) -> str:
         if ops.ext_available():
             fns["ext"] = stats("ext")
         t = interleaved(fns, 2 if quick else 3)
+        # The time inside the kernel calls of one pass, measured around each call: a direct estimate
+        # of the overhead, less noisy than the difference of two pass times on a busy machine.
+        inside = {}
+        for impl in ("ext", "ref") if ops.ext_available() else ("ref",):
+            calls = []
+            moments = ops.class_moments
+
+            def timed_moments(*a, **kw):
+                t0 = time.perf_counter()
+                out = moments(*a, **kw)
+                calls.append(time.perf_counter() - t0)
+                return out
+            ops.class_moments = timed_moments
+            try:
+                stats(impl)()
+            finally:
+                ops.class_moments = moments
+            inside[impl] = sum(calls)
         n_bn = sum(1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        ext_t, ext_in = t.get("ext", float("nan")), inside.get("ext", float("nan"))
         rows.append([f"{arch} ({n_bn} BN), {n_images} x 3x32x32, batch {batch}", f"{t['plain']:.3f}",
-                     f"{t.get('ext', float('nan')):.3f}", f"{t['ref']:.3f}",
-                     f"**{t.get('ext', float('nan')) / t['plain']:.3f}x**", f"{t['ref'] / t['plain']:.3f}x"])
+                     f"{ext_t:.3f}", f"{t['ref']:.3f}", f"**{ext_t / t['plain']:.3f}x**", f"{t['ref'] / t['plain']:.3f}x",
+                     f"{ext_in * 1e3:.1f} ({1 + ext_in / t['plain']:.3f}x)",
+                     f"{inside['ref'] * 1e3:.0f} ({1 + inside['ref'] / t['plain']:.3f}x)"])
     return table(["model, data", "plain eval forward s", "stats pass ext s", "stats pass ref s",
-                  "ext / plain", "ref / plain"], rows)
+                  "ext / plain", "ref / plain", "in ext calls ms (1 + share)", "in ref calls ms (1 + share)"], rows)
 
 
 def sinkhorn_problems(bsz, k, n, d, dtype, seed=0):
