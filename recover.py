@@ -60,6 +60,25 @@ seeded by (--seed, the group's first class, image index), and each finished grou
 is already there from the same recipe and upstream files (resume); and whenever the shards of this recipe
 cover every class, they are merged into synthetic.pt. `shard_groups` says which groups a rank recovers.
 
+Several processes: `torchrun --nproc_per_node N recover.py ...` (or multi-node torchrun, with --out on a
+file system every node sees; nccl on CUDA, gloo on CPU). The groups not yet done are shared out round
+robin, each rank writes the shards (and PNGs) of its groups, and after every rank is done rank 0 merges
+the shards into synthetic.pt and checks that every class is there. The images are those of one process
+with the same flags, bit for bit. Only rank 0 prints the configuration and a progress bar (of its own
+groups). An error on one rank (e.g. a non-finite loss) lets the others finish their groups, then every
+rank stops with exit code 2 and the message.
+
+Resume: the run can be killed at any moment (SIGKILL included) and rerun with the same command. Shards
+and synthetic.pt are written to a temporary file and renamed into place, a group's PNGs are written before
+its shard, and a shard that does not load (or comes from another recipe or other upstream files) is
+recomputed, never read: the rerun redoes only the unfinished groups and ends with the same synthetic.pt
+as an uninterrupted run.
+
+Bad input stops before any work with exit code 2 and a message naming the file and the fix: upstream
+files from another dataset, class order, resolution or teacher (sha256), corrupt, truncated or unsafe
+(pickled code) files, --ipc < 1, barycenters made for another --ipc, --init real with a class smaller
+than --ipc.
+
 Speed: bf16 autocast (--amp, default on CUDA) and channels_last (--channels-last, default on) for the
 teacher; statistics, features and losses are computed in float32. The iteration loop never waits on the
 device except for the progress bar (every --log-every steps), where a non-finite loss also stops the run
@@ -73,13 +92,15 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wmdd import artifacts, bnstats, cli, data, models, ops
+from wmdd import artifacts, bnstats, cli, data, dist, models, ops
 
 TERMS = ("total", "feature", "bn", "ce")
 # SRe2L's released R_BN weights (recover.sh: ImageNet 0.01; recover_tiny.sh: Tiny-ImageNet 1).
@@ -88,6 +109,9 @@ SRE2L_LAMBDA_DEFAULT = 0.01
 # The settings that make a synthetic set: two shards (or a resumed run) may be combined only when equal.
 RECIPE_KEYS = ("ipc", "iterations", "lr", "lambda_bn", "r_ce", "first_bn_mult", "feature", "bn", "global_stats",
                "layout", "batch_size", "init", "jitter", "seed", "amp", "sre2l")
+# How long a rank that is done waits for the others (ranks finish a group or more apart): the process
+# group's default timeout (10-30 min) is too short for that.
+WAIT_TIMEOUT = timedelta(days=2)
 
 
 def get_args_parser():
@@ -506,6 +530,12 @@ class RealImages:
         self.ds = data.build_dataset(info, args, "train", augment=False)
         self.per_class = data.class_indices(self.ds.targets, info.num_classes)
         self.info, self.seed, self.ipc = info, args.seed, args.ipc
+        short = [(info.classes[c], len(ix)) for c, ix in enumerate(self.per_class) if len(ix) < args.ipc]
+        if short:  # checked before any work, not when the class's group comes up
+            name, n = min(short, key=lambda t: t[1])
+            cli.fail(f"--init real needs --ipc {args.ipc} different training images per class, but class {name!r} "
+                     f"of {info.data_dir or info.name} has {n} ({len(short)} class(es) in all have fewer). Use "
+                     f"--init noise, or --ipc {n} or less.")
 
     def of_class(self, c: int, index=None) -> torch.Tensor:
         """The IPC starting images of class c [IPC, 3, S, S], or only image `index` [3, S, S]."""
@@ -612,8 +642,10 @@ def _current_shard(path, recipe: dict, upstream_sha: dict, info):
     return shard
 
 
-def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float) -> bool:
-    """Write synthetic.pt when the shards of this recipe cover every class; returns whether it did."""
+def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float, require_all: bool = False,
+                 world_size: int = 1) -> bool:
+    """Write synthetic.pt when the shards of this recipe cover every class; returns whether it did.
+    require_all: a run over all classes has just finished every group, so a gap is an error."""
     upstream_sha = {k: artifacts.sha256_file(p) for k, p in upstream.items()}
     shards = []
     for path in sorted(glob.glob(os.path.join(glob.escape(paths.shards), "recover_*.pt"))):
@@ -627,6 +659,10 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float) -> 
             chosen.append(s)
             covered = s["classes"][1]
     if covered != info.num_classes:
+        if require_all:
+            cli.fail(f"every group was recovered, yet the shards of this recipe in {paths.shards} cover classes "
+                     f"0:{covered} of {info.num_classes} only (a shard was removed, or replaced by another run "
+                     "writing to the same --out). Rerun the same command: it recovers only the missing groups.")
         print(f"[recover] classes 0:{covered} of {info.num_classes} are done in {paths.shards}; synthetic.pt is "
               "written once shards of the remaining classes exist (run them with --classes a:b, same flags).")
         return False
@@ -636,11 +672,40 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float) -> 
                "loss_curve": {t: torch.cat([s["loss_curve"][t] for s in chosen]) for t in TERMS},
                "loss_batches": torch.cat([s["loss_batches"] for s in chosen]), "recipe": recipe}
     artifacts.save(paths.synthetic, payload,
-                   artifacts.make_meta("recover", args, info, upstream=upstream, recipe=recipe,
+                   artifacts.make_meta("recover", args, info, upstream=upstream, recipe=recipe, world_size=world_size,
                                        wall_time_s=time.time() - t0, kernels=ops.resolve_impl(args.impl)))
     print(f"[recover] wrote {paths.synthetic}: {payload['images'].shape[0]} images "
           f"({info.num_classes} classes x {args.ipc}) and {paths.images}/")
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes (torchrun)
+
+
+def wait_group(world):
+    """A gloo group over every rank with a long timeout, for barriers and exchanging small objects."""
+    return torch_dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if world.enabled else None
+
+
+def gather_objects(obj, world, group) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a barrier too)."""
+    if not world.enabled:
+        return [obj]
+    out = [None] * world.size
+    torch_dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def settle(error, world, group) -> None:
+    """Every rank calls this at the same point: re-raise this rank's UserError, or stop this rank too when
+    another rank failed (every rank exits 2; nobody waits forever for a rank that stopped)."""
+    messages = gather_objects(None if error is None else str(error), world, group)
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        cli.fail(f"rank {failed[0][0]} of {world.size} stopped: {failed[0][1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,18 +714,28 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float) -> 
 def main(args):
     t0 = time.time()
     info = data.resolve(args)
-    device = cli.resolve_device(args.device)
+    world, device = dist.setup(cli.resolve_device(args.device))
+    try:
+        return run(args, info, world, device, t0)
+    finally:
+        dist.teardown(world)
+
+
+def run(args, info, world, device, t0):
+    log = print if world.is_main else (lambda *a, **k: None)
     resolve_args(args, info, device)
     args.out = cli.default_out(args)
     cli.seed_everything(args.seed)
     lo, hi = parse_classes(args.classes, info.num_classes)
     per_group = classes_per_group(args.layout, args.ipc, args.batch_size)
-    cli.print_config("recover", args, classes_resolved=f"{lo}:{hi} of {info.num_classes}",
-                     classes_per_batch=per_group, image_size=info.image_size, crop_scale=info.crop_scale,
-                     flip=info.flip, device_resolved=str(device), kernels=ops.describe(args.impl))
+    if world.is_main:
+        cli.print_config("recover", args, classes_resolved=f"{lo}:{hi} of {info.num_classes}",
+                         classes_per_batch=per_group, image_size=info.image_size, crop_scale=info.crop_scale,
+                         flip=info.flip, device_resolved=str(device), world_size=world.size,
+                         kernels=ops.describe(args.impl))
     if lo % per_group or (hi % per_group and hi != info.num_classes):
-        print(f"note: --classes {lo}:{hi} is not on the grid of {per_group} classes per batch, so the cut "
-              "groups are recovered on their own and will not equal an unsplit run.")
+        log(f"note: --classes {lo}:{hi} is not on the grid of {per_group} classes per batch, so the cut "
+            "groups are recovered on their own and will not equal an unsplit run.")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     paths = artifacts.run_paths(args.out)
@@ -670,24 +745,42 @@ def main(args):
         model.to(memory_format=torch.channels_last)
     recipe = recipe_of(args)
     upstream_sha = {k: artifacts.sha256_file(p) for k, p in upstream.items()}
+    group_sync = wait_group(world)
 
     groups = plan_groups(lo, hi, info.num_classes, args.ipc, args.batch_size, args.layout)
     todo = [g for g in groups if _current_shard(shard_path(paths, g), recipe, upstream_sha, info) is None]
     if len(todo) < len(groups):
-        print(f"[recover] resuming: {len(groups) - len(todo)} of {len(groups)} groups already in {paths.shards}")
+        log(f"[recover] resuming: {len(groups) - len(todo)} of {len(groups)} groups already in {paths.shards}")
+    gather_objects(None, world, group_sync)  # every rank has listed the finished groups before any writes one
+    mine = shard_groups(todo, world.rank, world.size)
     real = RealImages(info, args) if args.init == "real" and todo else None
     objective = Objective(model, args)
-    steps = sum(len(g.batches) for g in todo) * args.iterations
-    with tqdm(total=steps, desc=f"recover {lo}:{hi}", unit="it") as bar:
-        for group in todo:
-            shard = recover_group(group, objective, inputs, args, info, device, real, bar)
-            artifacts.save(shard_path(paths, group), dict(shard, recipe=recipe),
-                           artifacts.make_meta("recover-shard", args, info, upstream=upstream, recipe=recipe))
-            if not args.no_png:
-                write_pngs(shard["images"], shard["labels"], info, args.ipc, paths.images)
+    steps = sum(len(g.batches) for g in mine) * args.iterations
+    error = None
+    try:
+        with tqdm(total=steps, desc=f"recover {lo}:{hi}", unit="it",
+                  **({} if world.is_main else {"disable": True})) as bar:
+            for group in mine:
+                shard = recover_group(group, objective, inputs, args, info, device, real, bar)
+                if not args.no_png:  # before the shard: a shard on disk means its PNGs are complete
+                    write_pngs(shard["images"], shard["labels"], info, args.ipc, paths.images)
+                artifacts.save(shard_path(paths, group), dict(shard, recipe=recipe),
+                               artifacts.make_meta("recover-shard", args, info, upstream=upstream, recipe=recipe))
+    except cli.UserError as e:
+        error = e
     objective.remove()
-    merged = merge_shards(paths, info, args, recipe, upstream, t0)
-    print(f"[recover] {len(todo)} group(s) recovered in {time.time() - t0:.1f}s")
+    settle(error, world, group_sync)  # every rank is done: rank 0 merges
+
+    merged, error = False, None
+    if world.is_main:
+        try:
+            merged = merge_shards(paths, info, args, recipe, upstream, t0, require_all=(lo, hi) == (0, info.num_classes),
+                                  world_size=world.size)
+        except cli.UserError as e:
+            error = e
+    settle(error, world, group_sync)
+    merged = gather_objects(merged, world, group_sync)[0]
+    log(f"[recover] {len(mine)} group(s) recovered in {time.time() - t0:.1f}s")
     return {"synthetic": paths.synthetic if merged else None, "shards": paths.shards}
 
 
