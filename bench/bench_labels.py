@@ -1,6 +1,6 @@
 """Soft-label storage: bytes of our format vs the FKD/SRe2L format, and what compression costs a student.
 
-    python bench/bench_labels.py                 # ~3-4 minutes on 2 CPU cores (reuses runs/digits/teacher.pt)
+    python bench/bench_labels.py                 # ~3-4 minutes on 2 idle CPU cores (reuses runs/demo or runs/digits)
     python bench/bench_labels.py --quick         # a smoke run (2 seeds, 20 epochs, 3 compressions)
     python bench/bench_labels.py --run DIR       # teacher.pt (and synthetic.pt, if any) from DIR
 
@@ -12,8 +12,8 @@
    overhead + bytes per image) to ImageNet-1K at IPC 10 and 50 for 300 epochs.
 2. Accuracy. On digits, a ConvNet student trained with the preset recipe (60 epochs) on labels stored at
    each compression, same seeds and same replayed batches for every compression (differences are
-   paired by seed), against the full fp16 labels. The image set is runs/<...>/synthetic.pt when the run
-   has one, else a seeded random real subset (IPC 10); the label compression acts on the labels only.
+   paired by seed), against the full fp16 labels. The image set is the run's synthetic.pt when it has
+   one, else a seeded random real subset (IPC 10); the label compression acts on the labels only.
 
 Prints markdown tables (pasted into bench/RESULTS.md, section "Labels").
 """
@@ -220,12 +220,16 @@ def accuracy_table(args, tmp: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="runs/digits", help="run directory with teacher.pt (and synthetic.pt)")
+    p.add_argument("--run", default=None,
+                   help="run directory with teacher.pt (and synthetic.pt); default: runs/demo (make demo), "
+                        "else runs/digits, else a 4-epoch teacher trained here")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="default: the digits preset's (60)")
     p.add_argument("--quick", action="store_true", help="2 seeds, 20 epochs, 3 codecs")
     p.add_argument("--skip-accuracy", action="store_true")
     args = p.parse_args()
+    if args.run is None:
+        args.run = next((d for d in ("runs/demo", "runs/digits") if os.path.isfile(os.path.join(d, "teacher.pt"))), None)
     if args.quick:
         args.seeds, args.epochs = 2, args.epochs or 20
     args.epochs = args.epochs or data.PRESETS["digits"].stages["evaluate"]["epochs"]

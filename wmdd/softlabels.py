@@ -111,6 +111,19 @@ def decode(entry: dict, num_classes: int) -> torch.Tensor:
     return dense.scatter_(1, entry["indices"].long(), values)
 
 
+def fidelity(logits: torch.Tensor, entry: dict, num_classes: int) -> dict:
+    """How close the stored labels are to the exact logits: the share of images whose top class is kept,
+    the mean KL(exact || stored) at T = 20, and the relative L2 error of the per-image-centred logits."""
+    import torch.nn.functional as F
+    exact = logits.detach().float().cpu()
+    stored = decode(entry, num_classes)
+    log_p, log_q = F.log_softmax(exact / 20, dim=1), F.log_softmax(stored / 20, dim=1)
+    ce, cs = exact - exact.mean(1, keepdim=True), stored - stored.mean(1, keepdim=True)
+    return {"argmax_agreement": (exact.argmax(1) == stored.argmax(1)).float().mean().item(),
+            "kl_t20": (log_p.exp() * (log_p - log_q)).sum(1).mean().item(),
+            "relative_error": ((ce - cs).norm() / ce.norm().clamp_min(1e-12)).item()}
+
+
 def slice_entry(entry: dict, start: int, stop: int) -> dict:
     """Images start..stop-1 of an encoded epoch (the per-epoch `shared_*` tensors are kept whole)."""
     return {k: (v if k.startswith("shared_") else v[start:stop]) for k, v in entry.items()}
