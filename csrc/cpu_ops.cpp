@@ -142,10 +142,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(const at::Tenso
               "wmdd::class_moments: y must hold integer labels");
   const int64_t n = x_in.size(0), c = x_in.size(1);
   const int64_t s = n * c > 0 ? x_in.numel() / (n * c) : 1;
+  // Zero-filled here rather than with at::zeros, whose fill runs threaded from 32768 values on (a
+  // parallel region per call; see moments_cpu).
   auto dopt = x_in.options().dtype(at::kDouble);
-  at::Tensor sum = at::zeros({num_classes, c}, dopt);
-  at::Tensor sumsq = at::zeros({num_classes, c}, dopt);
-  at::Tensor count = at::zeros({num_classes}, dopt);
+  at::Tensor sum = at::empty({num_classes, c}, dopt);
+  at::Tensor sumsq = at::empty({num_classes, c}, dopt);
+  at::Tensor count = at::empty({num_classes}, dopt);
+  for (const at::Tensor* o : {&sum, &sumsq, &count})
+    std::fill_n(o->data_ptr<double>(), o->numel(), 0.0);
   at::Tensor y = y_in.to(at::kLong).contiguous();
   const int64_t* yp = y.data_ptr<int64_t>();
   double* cp = count.data_ptr<double>();
