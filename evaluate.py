@@ -366,21 +366,22 @@ def main(args):
 
     plan = augment.ReplayPlan(len(syn), args.batch_size, aug_seed)
     soft_desc = {"stored": "soft, stored", "online": "soft, teacher online", "hard": "hard"}[args.labels]
-    comp = softlabels.describe(topk, precision or "fp32", rank)
+    comp = softlabels.describe(topk, precision or ("fp16" if topk or rank else "fp32"), rank)
+    loss_desc = f"T = {args.temperature:g}" if args.loss == "kl" else f"MSE + {args.gt_weight:g} CE"
     configs = []  # (key, images label, ImageSet, label source, description)
     if args.labels == "stored":
         configs.append(("distilled/soft", "distilled", syn, StoredLabels(paths.labels, settings, plan),
-                        f"{soft_desc} ({comp}), T = {args.temperature:g}"))
+                        f"{soft_desc} ({comp}), {loss_desc}"))
     elif args.labels == "online":
         configs.append(("distilled/soft", "distilled", syn, OnlineLabels(teacher, info.num_classes, topk, precision, rank),
-                        f"{soft_desc} ({comp}), T = {args.temperature:g}"))
+                        f"{soft_desc} ({comp}), {loss_desc}"))
     configs.append(("distilled/hard", "distilled", syn, None, "hard"))
     if args.baseline == "random":
         real = subsets.random_real_subset(info, args, syn.ipc, args.seed)
         if args.labels != "hard":
             configs.append(("random/soft", f"random real (seed {args.seed})", real,
                             OnlineLabels(teacher, info.num_classes, topk, precision, rank),
-                            f"soft, teacher online ({comp}, as distilled), T = {args.temperature:g}"))
+                            f"soft, teacher online ({comp}, as distilled), {loss_desc}"))
         configs.append(("random/hard", f"random real (seed {args.seed})", real, None, "hard"))
 
     seeds = [args.seed + s for s in range(args.seeds)]
