@@ -22,16 +22,18 @@ struct Kernels {
                       int64_t c1, double* sum, double* sumsq, double* acc, double* acc_sq);
 
   // Sinkhorn, one problem, scaled potentials u = f / reg [k], v = g / reg [N], cost [k, N] row-major.
-  // Column pass over columns [j0, j1): lse[j] = logsumexp_i(u_i - cost_ij / reg). scratch: N values.
-  // have_shift: lse holds the previous pass's values on entry (used as shifts: one pass, not two).
-  // When check, returns sum_j (exp(v_j + lse_j) - b_j)^2 over columns with b_j > 0 (the squared
-  // b-marginal violation of the current (u, v)), else 0.
-  double (*sinkhorn_cols)(const T* cost, const T* u, const T* v, const T* b, int64_t k, int64_t n, int64_t j0,
-                          int64_t j1, T inv_reg, T* lse, T* scratch, bool check, bool have_shift);
   // Row pass over rows [i0, i1): u_i = log a_i - logsumexp_j(v_j - cost_ij / reg); u holds the previous
-  // values on entry (their log-sum-exps, log a_i - u_i, are the shifts).
+  // values on entry (their log-sum-exps, log a_i - u_i, are the shifts). Writes rows [i0, i1) of
+  // f_rows [k, N] (the shifted exps) and alpha [k], which the next column pass reuses.
   void (*sinkhorn_rows)(const T* cost, const T* v, const T* loga, int64_t k, int64_t n, int64_t i0, int64_t i1,
-                        T inv_reg, T* u);
+                        T inv_reg, T* u, T* f_rows, T* alpha);
+  // Column pass over columns [j0, j1): lse[j] = logsumexp_i(u_i - cost_ij / reg) (columns with b_j > 0);
+  // with have_f from f_rows / alpha of the last row pass. scratch: N values. When check, returns
+  // sum_j (exp(v_j + lse_j) - b_j)^2 over columns with b_j > 0 (the squared b-marginal violation of the
+  // current (u, v)), else 0.
+  double (*sinkhorn_cols)(const T* cost, const T* u, const T* v, const T* b, const T* f_rows, const T* alpha,
+                          int64_t k, int64_t n, int64_t j0, int64_t j1, T inv_reg, T* lse, T* scratch, bool check,
+                          bool have_f);
 };
 
 struct KernelTable {

@@ -34,14 +34,17 @@ struct Limits;
 template <>
 struct Limits<double> {
   static constexpr double lo = -708.0, hi = 700.0;
-  // A shifted sum of exps in [sum_lo, sum_hi] (e^-300, e^300) is accurate: no term overflowed, and
-  // the terms lost below e^lo are < e^-400 of it.
-  static constexpr double sum_lo = 5.14820022872342e-131, sum_hi = 1.9424263952412558e+130;
+  // A row sum in [row_lo, row_hi] (e^-300, e^300) is accurate: no term overflowed, and the terms lost
+  // below e^lo are < e^-400 of it. A column sum of F (see below) is accepted from col_min = e^-300.
+  static constexpr double row_lo = 5.14820022872342e-131, row_hi = 1.9424263952412558e+130;
+  static constexpr double col_min = 5.14820022872342e-131;
 };
 template <>
 struct Limits<float> {
   static constexpr float lo = -86.0f, hi = 80.0f;
-  static constexpr float sum_lo = 9.3576230e-14f, sum_hi = 1.0686475e+13f;  // e^-30, e^30
+  static constexpr float row_lo = 2.0611536e-09f, row_hi = 4.8516520e+08f;  // e^-20, e^20
+  // Terms lost from a column sum of F are < e^(lo + 20) = 2e-29 of the mass: accept from 1e-18.
+  static constexpr float col_min = 1e-18f;
 };
 
 static WMDD_INLINE double exp_clamped(double x) {
@@ -234,13 +237,24 @@ static void moments_nsc(const T* x, const int64_t* y, int64_t n0, int64_t n1, in
 // ---------------------------------------------------------------------------------------------
 // Sinkhorn (log domain), one problem
 
-// Column pass over [j0, j1): lse_j = logsumexp_i(u_i - C_ij / reg). With have_shift, lse holds the
-// previous iteration's values on entry and they shift the exps, so one pass suffices (the column sums
-// of the current plan are ~b, hence lse changes little between iterations); a block whose shifted sums
-// leave the safe range (early iterations) is redone with the exact maximum as the shift.
+// One exp per cost entry per iteration. The row pass computes F_ij = exp(v_j - C_ij / reg - s_i) with
+// some shift s_i, its row sums r_i, and u_i = log a_i - s_i - log r_i; it keeps F and alpha_i = a_i / r_i.
+// Then, exactly,
+//     sum_i exp(u_i - C_ij / reg) = exp(-v_j) * sum_i alpha_i F_ij,
+// so the next column pass is a weighted column sum of F (no exp), and c_j = sum_i alpha_i F_ij is the
+// j-th column sum of the current plan, i.e. the b-marginal the stopping test needs. Terms of F below
+// exp's range were flushed to 0: they are < e^(lo + row_hi) of a_i, so c_j is accepted only when it is
+// far above that; otherwise (first iteration, columns far from their marginal) the column is computed
+// exactly, with its maximum as the shift.
+
+// Column pass over [j0, j1): lse_j = logsumexp_i(u_i - C_ij / reg) for columns with b_j > 0. With
+// have_f, from F / alpha of the last row pass. scratch: N values. When check, returns
+// sum_j (exp(v_j + lse_j) - b_j)^2 over columns with b_j > 0 (the squared b-marginal violation of the
+// current (u, v)), else 0.
 template <typename T>
-static double sinkhorn_cols(const T* cost, const T* u, const T* v, const T* b, int64_t k, int64_t n, int64_t j0,
-                            int64_t j1, T inv_reg, T* lse, T* scratch, bool check, bool have_shift) {
+static double sinkhorn_cols(const T* cost, const T* u, const T* v, const T* b, const T* f_rows, const T* alpha,
+                            int64_t k, int64_t n, int64_t j0, int64_t j1, T inv_reg, T* lse, T* scratch, bool check,
+                            bool have_f) {
   const T ninv = -inv_reg;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const int64_t block = 1024;  // columns per block: the running sums stay in L1
@@ -249,44 +263,56 @@ static double sinkhorn_cols(const T* cost, const T* u, const T* v, const T* b, i
     const int64_t je = jb + block < j1 ? jb + block : j1;
     T* __restrict l = lse;
     T* __restrict acc = scratch;
-    bool ok = have_shift;
+    bool ok = have_f;
     if (ok) {
       for (int64_t j = jb; j < je; ++j) acc[j] = T(0);
       for (int64_t i = 0; i < k; ++i) {
-        const T* __restrict row = cost + i * n;
-        const T ui = u[i];
+        const T* __restrict fr = f_rows + i * n;
+        const T ai = alpha[i];
+        if (ai == T(0)) continue;
 #pragma omp simd
-        for (int64_t j = jb; j < je; ++j) acc[j] += exp_clamped(fmadd(row[j], ninv, ui) - l[j]);
+        for (int64_t j = jb; j < je; ++j) acc[j] = fmadd(ai, fr[j], acc[j]);
       }
-      for (int64_t j = jb; j < je; ++j) ok = ok && acc[j] >= Limits<T>::sum_lo && acc[j] <= Limits<T>::sum_hi;
+      for (int64_t j = jb; j < je; ++j) ok = ok && (b[j] <= T(0) || acc[j] >= Limits<T>::col_min);
       if (ok) {
-#pragma omp simd
-        for (int64_t j = jb; j < je; ++j) l[j] += log_normal(acc[j]);
-      }
-    }
-    if (!ok) {
-      T* __restrict m = lse;
-      for (int64_t j = jb; j < je; ++j) {
-        m[j] = neg_inf;
-        acc[j] = T(0);
-      }
-      for (int64_t i = 0; i < k; ++i) {
-        const T* __restrict row = cost + i * n;
-        const T ui = u[i];
+        const T* __restrict vv = v;
 #pragma omp simd
         for (int64_t j = jb; j < je; ++j) {
-          T t = fmadd(row[j], ninv, ui);
-          m[j] = t > m[j] ? t : m[j];
+          const T c = acc[j] > T(0) ? acc[j] : T(1);  // padded columns (b_j = 0): unused
+          l[j] = log_normal(c) - vv[j];
         }
+        if (check) {
+          for (int64_t j = jb; j < je; ++j) {
+            if (b[j] > T(0)) {
+              const double e = static_cast<double>(acc[j]) - static_cast<double>(b[j]);
+              err2 += e * e;
+            }
+          }
+        }
+        continue;
       }
-      for (int64_t i = 0; i < k; ++i) {
-        const T* __restrict row = cost + i * n;
-        const T ui = u[i];
-#pragma omp simd
-        for (int64_t j = jb; j < je; ++j) acc[j] += exp_clamped(fmadd(row[j], ninv, ui) - m[j]);
-      }
-      for (int64_t j = jb; j < je; ++j) m[j] = m[j] == neg_inf ? neg_inf : m[j] + log_normal(acc[j]);
     }
+    T* __restrict m = lse;
+    for (int64_t j = jb; j < je; ++j) {
+      m[j] = neg_inf;
+      acc[j] = T(0);
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const T* __restrict row = cost + i * n;
+      const T ui = u[i];
+#pragma omp simd
+      for (int64_t j = jb; j < je; ++j) {
+        T t = fmadd(row[j], ninv, ui);
+        m[j] = t > m[j] ? t : m[j];
+      }
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const T* __restrict row = cost + i * n;
+      const T ui = u[i];
+#pragma omp simd
+      for (int64_t j = jb; j < je; ++j) acc[j] += exp_clamped(fmadd(row[j], ninv, ui) - m[j]);
+    }
+    for (int64_t j = jb; j < je; ++j) m[j] = m[j] == neg_inf ? neg_inf : m[j] + log_normal(acc[j]);
     if (check) {
       for (int64_t j = jb; j < je; ++j) {
         if (b[j] > T(0)) {
@@ -299,50 +325,59 @@ static double sinkhorn_cols(const T* cost, const T* u, const T* v, const T* b, i
   return err2;
 }
 
-// Row pass over [i0, i1): u_i = log a_i - logsumexp_j(v_j - C_ij / reg). The previous value of the
-// log-sum-exp, log a_i - u_i, shifts the exps (one pass); rows whose shifted sum leaves the safe range
-// are redone with the exact maximum.
+// Row pass over [i0, i1): u_i = log a_i - logsumexp_j(v_j - C_ij / reg), keeping F (rows [i0, i1) of
+// f_rows) and alpha (see above). The previous log-sum-exp, log a_i - u_i, is the shift (one pass); a
+// row whose shifted sum leaves the safe range is redone with its maximum as the shift.
 template <typename T>
 static void sinkhorn_rows(const T* cost, const T* v, const T* loga, int64_t k, int64_t n, int64_t i0, int64_t i1,
-                          T inv_reg, T* u) {
+                          T inv_reg, T* u, T* f_rows, T* alpha) {
   (void)k;
   const T ninv = -inv_reg;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const T* __restrict vv = v;
   for (int64_t i = i0; i < i1; ++i) {
-    if (loga[i] == neg_inf) {  // a_i = 0: an empty row
-      u[i] = neg_inf;
-      continue;
-    }
     const T* __restrict row = cost + i * n;
+    T* __restrict fr = f_rows + i * n;
     T shift = loga[i] - u[i];
     T acc = T(0);
-    if (std::isfinite(shift)) {
+    if (loga[i] != neg_inf && std::isfinite(shift)) {
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < n; ++j) acc += exp_clamped(fmadd(row[j], ninv, vv[j]) - shift);
+      for (int64_t j = 0; j < n; ++j) {
+        const T e = exp_clamped(fmadd(row[j], ninv, vv[j]) - shift);
+        fr[j] = e;
+        acc += e;
+      }
     }
-    if (!(acc >= Limits<T>::sum_lo && acc <= Limits<T>::sum_hi)) {
+    if (loga[i] != neg_inf && !(acc >= Limits<T>::row_lo && acc <= Limits<T>::row_hi)) {
       T m = neg_inf;
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < n; ++j) {
         T t = fmadd(row[j], ninv, vv[j]);
         m = t > m ? t : m;
       }
-      if (m == neg_inf) {
-        u[i] = neg_inf;
-        continue;
-      }
       shift = m;
       acc = T(0);
+      if (m != neg_inf) {
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < n; ++j) acc += exp_clamped(fmadd(row[j], ninv, vv[j]) - m);
+        for (int64_t j = 0; j < n; ++j) {
+          const T e = exp_clamped(fmadd(row[j], ninv, vv[j]) - m);
+          fr[j] = e;
+          acc += e;
+        }
+      }
+    }
+    if (loga[i] == neg_inf || acc == T(0)) {  // a_i = 0 (or no column at all): an empty row
+      u[i] = neg_inf;
+      alpha[i] = T(0);
+      continue;
     }
     u[i] = loga[i] - shift - std::log(acc);
+    alpha[i] = std::exp(loga[i]) / acc;
   }
 }
 
 static const KernelTable kTable = {
     WMDD_ISA_NAME,
-    {&moments_ncs<float>, &moments_nsc<float>, &sinkhorn_cols<float>, &sinkhorn_rows<float>},
-    {&moments_ncs<double>, &moments_nsc<double>, &sinkhorn_cols<double>, &sinkhorn_rows<double>},
+    {&moments_ncs<float>, &moments_nsc<float>, &sinkhorn_rows<float>, &sinkhorn_cols<float>},
+    {&moments_ncs<double>, &moments_nsc<double>, &sinkhorn_rows<double>, &sinkhorn_cols<double>},
 };

@@ -200,18 +200,21 @@ struct SinkhornProblem {
 
 template <typename T>
 struct Workspace {
-  std::vector<T> loga, logb, lse, scratch;
+  std::vector<T> loga, logb, lse, scratch, f_rows, alpha;
   void resize(int64_t k, int64_t n) {
     loga.resize(k);
     logb.resize(n);
     lse.resize(n);
     scratch.resize(n);
+    f_rows.resize(k * n);
+    alpha.resize(k);
   }
 };
 
-// One problem to convergence: the loop of POT's sinkhorn_log (update v, then u; every 10th iteration
-// the b-marginal violation of the new (u, v) is compared with tol). The violation is computed from the
-// column log-sum-exps that the next v update needs anyway, so a check costs N exps, not an iteration.
+// One problem to convergence: the loop of POT's sinkhorn_log (update v, then u; after iterations 1, 11,
+// 21, ... the b-marginal violation of (u, v) is compared with tol). The violation comes from the column
+// sums that the next v update computes anyway, so a check costs nothing extra; a converged check
+// discards that v update. See cpu_kernels_impl.h for the passes.
 // inner_parallel splits the columns and rows of every iteration across threads (one large problem).
 template <typename T>
 void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Workspace<T>& ws, bool inner_parallel,
@@ -233,19 +236,19 @@ void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Wo
     v[j] = real ? (pr.g_init ? pr.g_init[j] * inv_reg : T(0)) : neg_inf;
   }
   const int64_t threads = inner_parallel ? at::get_num_threads() : 1;
-  bool have_shift = false;  // ws.lse holds the previous column log-sum-exps
+  bool have_f = false;  // ws.f_rows / ws.alpha hold the last row pass
   auto cols = [&](bool check) -> double {
     if (threads <= 1)
-      return kern.sinkhorn_cols(pr.cost, u, v, pr.b, k, n, 0, n, inv_reg, ws.lse.data(), ws.scratch.data(), check,
-                                have_shift);
+      return kern.sinkhorn_cols(pr.cost, u, v, pr.b, ws.f_rows.data(), ws.alpha.data(), k, n, 0, n, inv_reg,
+                                ws.lse.data(), ws.scratch.data(), check, have_f);
     std::vector<double> part(threads, 0.0);
     const int64_t step = (n + threads - 1) / threads;
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t j0 = std::min(n, t * step), j1 = std::min(n, j0 + step);
         if (j0 < j1)
-          part[t] = kern.sinkhorn_cols(pr.cost, u, v, pr.b, k, n, j0, j1, inv_reg, ws.lse.data(), ws.scratch.data(),
-                                       check, have_shift);
+          part[t] = kern.sinkhorn_cols(pr.cost, u, v, pr.b, ws.f_rows.data(), ws.alpha.data(), k, n, j0, j1, inv_reg,
+                                       ws.lse.data(), ws.scratch.data(), check, have_f);
       }
     });
     double e = 0.0;
@@ -254,26 +257,26 @@ void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Wo
   };
   auto rows = [&]() {
     if (threads <= 1) {
-      kern.sinkhorn_rows(pr.cost, v, ws.loga.data(), k, n, 0, k, inv_reg, u);
+      kern.sinkhorn_rows(pr.cost, v, ws.loga.data(), k, n, 0, k, inv_reg, u, ws.f_rows.data(), ws.alpha.data());
     } else {
       at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
-        kern.sinkhorn_rows(pr.cost, v, ws.loga.data(), k, n, i0, i1, inv_reg, u);
+        kern.sinkhorn_rows(pr.cost, v, ws.loga.data(), k, n, i0, i1, inv_reg, u, ws.f_rows.data(), ws.alpha.data());
       });
     }
+    have_f = true;
   };
   double err = std::numeric_limits<double>::infinity();
   int64_t it = 0;
   for (;; ++it) {
     const bool check = it == max_iter || (it > 0 && (it - 1) % 10 == 0);
     const double err2 = cols(check);
-    have_shift = true;
     if (check) {
       err = std::sqrt(err2);
       if (it == max_iter || err < tol) break;
     }
     const T* lse = ws.lse.data();
     const T* logb = ws.logb.data();
-    for (int64_t j = 0; j < n; ++j) v[j] = logb[j] - lse[j];  // padded columns: -inf - finite = -inf
+    for (int64_t j = 0; j < n; ++j) v[j] = logb[j] - lse[j];  // padded columns: -inf - (finite or +inf) = -inf
     rows();
   }
   for (int64_t i = 0; i < k; ++i) u[i] *= reg;

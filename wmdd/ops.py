@@ -22,8 +22,11 @@ was built for another torch version. A CUDA tensor with a CPU-only build uses th
 and is an error under ext.
 
 Kernels (csrc/): CPU C++ compiled for AVX-512, AVX2 and baseline x86-64, chosen at run time
-(`wmdd._C.cpu_isa()`; $WMDD_CPU_ISA forces one), threads over channels / problems; CUDA: atomics for the
-moments, one block per problem for Sinkhorn with every iteration and the stopping test on the device.
+(`wmdd._C.cpu_isa()`; $WMDD_CPU_ISA forces one). Moments: one pass, float64 accumulators. Sinkhorn:
+problems spread over threads; per iteration one exp per cost entry (the row pass's shifted exps are
+reused, exactly, by the next column pass), with an exact max-shifted fallback wherever a shortcut's
+range check fails. CUDA: atomics for the moments; one block per problem for Sinkhorn, every iteration
+and the stopping test on the device.
 """
 from __future__ import annotations
 
