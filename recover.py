@@ -774,13 +774,14 @@ def run(args, info, world, device, t0):
     merged, error = False, None
     if world.is_main:
         try:
-            merged = merge_shards(paths, info, args, recipe, upstream, t0, require_all=(lo, hi) == (0, info.num_classes),
-                                  world_size=world.size)
+            merged = merge_shards(paths, info, args, recipe, upstream, t0,
+                                  require_all=(lo, hi) == (0, info.num_classes), world_size=world.size)
         except cli.UserError as e:
             error = e
     settle(error, world, group_sync)
     merged = gather_objects(merged, world, group_sync)[0]
-    log(f"[recover] {len(mine)} group(s) recovered in {time.time() - t0:.1f}s")
+    ranks = f" by {world.size} ranks" if world.enabled else ""
+    log(f"[recover] {len(todo)} group(s) recovered{ranks} in {time.time() - t0:.1f}s")
     return {"synthetic": paths.synthetic if merged else None, "shards": paths.shards}
 
 

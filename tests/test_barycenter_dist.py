@@ -16,8 +16,8 @@ import torch
 
 import barycenter
 from conftest import copy_run, run_stage
-from tests.test_distributed import REPO, torchrun
-from tests.test_recover_dist import one_thread, write_teacher, _CreatesAFile
+from tests.test_distributed import REPO
+from tests.test_recover_dist import _CreatesAFile, launch, one_thread, write_teacher
 from wmdd import artifacts, cli
 
 # sinkhorn in blocks of 3 classes (4 blocks: 0:3 3:6 6:9 9:10), features in batches of 200 (8 batches)
@@ -57,7 +57,7 @@ def shard_files(out) -> list:
 def test_two_ranks_equal_one(teacher_only, reference, tmp_path):
     """Features extracted in two blocks of batches and gathered; classes solved in blocks by two ranks."""
     out = copy_run(teacher_only, tmp_path / "r2")
-    proc = torchrun("barycenter.py", SINKHORN + ["--out", out])
+    proc = launch("barycenter.py", SINKHORN + ["--out", out])
     two, one = artifacts.run_paths(out), artifacts.run_paths(reference)
     feats = assert_same(two.features, one.features, ("features", "labels"))
     assert feats["meta"]["world_size"] == 2

@@ -22,7 +22,7 @@ import barycenter
 import recover
 import squeeze
 from conftest import copy_run, run_stage
-from tests.test_distributed import REPO, _free_port, torchrun
+from tests.test_distributed import REPO
 from wmdd import artifacts, cli, data, models
 
 COMMON = ["--dataset", "digits", "--ipc", 2, "--batch-size", 2, "--iterations", 16]
@@ -81,13 +81,16 @@ def assert_same_synthetic(path, ref) -> dict:
     return syn
 
 
-def launch(script: str, argv: list, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """torchrun on CPU without asserting success (tests.test_distributed.torchrun asserts exit 0)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+def launch(script: str, argv: list, nproc: int = 2, timeout: int = 300, ok: bool = True):
+    """torchrun on CPU (gloo, one thread per rank; --standalone: torchrun picks a free port itself).
+    ok: assert exit code 0 (and show the end of the log when not)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.join(REPO, script), *[str(a) for a in argv]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def shard_files(out) -> list:
@@ -100,7 +103,7 @@ def shard_files(out) -> list:
 
 def test_two_ranks_give_the_images_of_one(base, reference, tmp_path):
     out = copy_run(base, tmp_path / "r2")
-    proc = torchrun("recover.py", COMMON + ["--out", out])
+    proc = launch("recover.py", COMMON + ["--out", out])
     syn = assert_same_synthetic(artifacts.run_paths(out).synthetic, reference)
     assert syn["meta"]["world_size"] == 2
     assert len(shard_files(out)) == GROUPS
@@ -121,7 +124,7 @@ def test_a_rank_that_fails_stops_every_rank_and_keeps_the_others_shards(base, tm
     stats["mean"][0][7] = float("nan")
     meta = stats.pop("meta")
     artifacts.save(paths.bn_stats, stats, meta)
-    proc = launch("recover.py", COMMON + ["--out", out, "--log-every", 1, "--iterations", 4])
+    proc = launch("recover.py", COMMON + ["--out", out, "--log-every", 1, "--iterations", 4], ok=False)
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     # each rank prints one clear message (the first rank to exit makes torchrun stop the other, which may
     # be stopped before it prints): rank 1 its own, rank 0 the one it got from rank 1
@@ -150,7 +153,7 @@ def test_sigkill_mid_run_then_rerun_resumes_and_equals_the_uninterrupted_run(bas
         try:
             deadline = time.time() + 300
             while not shard_files(out):
-                assert proc.poll() is None, f"recover.py ended before its first shard: {open(tmp_path / 'log.txt').read()}"
+                assert proc.poll() is None, f"ended before its first shard: {open(tmp_path / 'log.txt').read()}"
                 assert time.time() < deadline, "no shard after 300 s"
                 time.sleep(0.02)
             os.kill(proc.pid, signal.SIGKILL)
