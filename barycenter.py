@@ -60,7 +60,6 @@ import glob
 import math
 import os
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -74,7 +73,6 @@ from wmdd import ot as wot
 RESULT_KEYS = ("ipc", "solver", "weights", "reg", "iters", "seed")
 # How long a rank that is done waits for the others (gathering results, errors, the final barrier):
 # the process group's default (10-30 min) is too short when ranks finish far apart.
-WAIT_TIMEOUT = timedelta(days=2)
 
 
 def get_args_parser():
@@ -116,32 +114,7 @@ def parse_class_range(spec: str | None, num_classes: int) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
-# several processes (torchrun): a wait group, error exchange, gathering rows
-
-
-def wait_group(world):
-    """A gloo group over every rank with a long timeout, for barriers and exchanging small objects."""
-    return torch_dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if world.enabled else None
-
-
-def gather_objects(obj, world, group) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a barrier too)."""
-    if not world.enabled:
-        return [obj]
-    out = [None] * world.size
-    torch_dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def settle(error, world, group) -> None:
-    """Every rank calls this at the same point: re-raise this rank's UserError, or stop this rank too when
-    another rank failed (every rank exits 2; nobody waits forever for a rank that stopped)."""
-    messages = gather_objects(None if error is None else str(error), world, group)
-    if error is not None:
-        raise error
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if failed:
-        cli.fail(f"rank {failed[0][0]} of {world.size} stopped: {failed[0][1]}")
+# several processes (torchrun): feature blocks and gathering them (wait group, errors: wmdd/dist.py)
 
 
 def feature_block(n: int, batch_size: int, world) -> range:
@@ -206,7 +179,7 @@ def load_or_extract_features(args, info, device, teacher_path, paths, check_labe
         artifacts.load(teacher_path)  # the "does not exist: run squeeze.py first" message
     teacher_sha = artifacts.sha256_file(teacher_path)
     cached = _cached_features(args, info, paths, teacher_sha, log)
-    if world.enabled and not all(gather_objects(cached is not None, world, group)):
+    if world.enabled and not all(dist.gather_objects(cached is not None, world, group)):
         cached = None  # every rank decides alike
     if cached is not None:
         log(f"[barycenter] reusing {paths.features} ({tuple(cached['features'].shape)} features)")
@@ -239,7 +212,7 @@ def load_or_extract_features(args, info, device, teacher_path, paths, check_labe
     if world.is_main:
         artifacts.save(paths.features, payload, meta)
         log(f"[barycenter] wrote {paths.features} ({tuple(features.shape)}, {time.time() - t0:.1f}s)")
-    gather_objects(None, world, group)  # the others read features.pt's sha256 once it is there
+    dist.gather_objects(None, world, group)  # the others read features.pt's sha256 once it is there
     payload["meta"] = meta
     return payload
 
@@ -368,7 +341,7 @@ def run(args, info, world, device, t0):
                          device_resolved=str(device), world_size=world.size, kernels=ops.describe(args.impl))
     paths = artifacts.run_paths(args.out)
     teacher_path = args.teacher or paths.teacher
-    group = wait_group(world)
+    group = dist.wait_group(world)
 
     def check_labels(labels):
         check_ipc(args.ipc, [len(ix) for ix in data.class_indices(labels, info.num_classes)], info.classes)
@@ -390,7 +363,7 @@ def run(args, info, world, device, t0):
         where = " and ".join(([f"shards in {paths.shards}"] if False in final else []) +
                              ([paths.barycenters] if True in final else []))
         log(f"[barycenter] reusing {last - first - len(todo)} classes from {where}")
-    gather_objects(None, world, group)  # every rank has listed the shards before any rank writes one
+    dist.gather_objects(None, world, group)  # every rank has listed the shards before any rank writes one
     blocks = plan_blocks(todo, args.class_batch)
     mine = [blocks[i] for i in dist.rank_slice(len(blocks), world)]
 
@@ -403,7 +376,7 @@ def run(args, info, world, device, t0):
     except cli.UserError as e:
         error = e
     bar.close()
-    settle(error, world, group)
+    dist.settle(error, world, group)
 
     # rank 0 merges the shards of the range (its own, the other ranks', earlier runs')
     target = paths.barycenters if args.classes is None else shard_path(paths, first, last)
@@ -413,7 +386,7 @@ def run(args, info, world, device, t0):
             merge(args, info, paths, upstream, upstream_sha, first, last, target, t0, t_solve, world)
         except cli.UserError as e:
             error = e
-    settle(error, world, group)
+    dist.settle(error, world, group)
     return {"barycenters": target, "features": paths.features}
 
 

@@ -92,11 +92,9 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -111,7 +109,6 @@ RECIPE_KEYS = ("ipc", "iterations", "lr", "lambda_bn", "r_ce", "first_bn_mult", 
                "layout", "batch_size", "init", "jitter", "seed", "amp", "sre2l")
 # How long a rank that is done waits for the others (ranks finish a group or more apart): the process
 # group's default timeout (10-30 min) is too short for that.
-WAIT_TIMEOUT = timedelta(days=2)
 
 
 def get_args_parser():
@@ -679,38 +676,6 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float, req
     return True
 
 
-# ---------------------------------------------------------------------------------------------
-# several processes (torchrun)
-
-
-def wait_group(world):
-    """A gloo group over every rank with a long timeout, for barriers and exchanging small objects."""
-    return torch_dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if world.enabled else None
-
-
-def gather_objects(obj, world, group) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a barrier too)."""
-    if not world.enabled:
-        return [obj]
-    out = [None] * world.size
-    torch_dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def settle(error, world, group) -> None:
-    """Every rank calls this at the same point: re-raise this rank's UserError, or stop this rank too when
-    another rank failed (every rank exits 2; nobody waits forever for a rank that stopped)."""
-    messages = gather_objects(None if error is None else str(error), world, group)
-    if error is not None:
-        raise error
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if failed:
-        cli.fail(f"rank {failed[0][0]} of {world.size} stopped: {failed[0][1]}")
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 def main(args):
     t0 = time.time()
     info = data.resolve(args)
@@ -745,13 +710,13 @@ def run(args, info, world, device, t0):
         model.to(memory_format=torch.channels_last)
     recipe = recipe_of(args)
     upstream_sha = {k: artifacts.sha256_file(p) for k, p in upstream.items()}
-    group_sync = wait_group(world)
+    group_sync = dist.wait_group(world)
 
     groups = plan_groups(lo, hi, info.num_classes, args.ipc, args.batch_size, args.layout)
     todo = [g for g in groups if _current_shard(shard_path(paths, g), recipe, upstream_sha, info) is None]
     if len(todo) < len(groups):
         log(f"[recover] resuming: {len(groups) - len(todo)} of {len(groups)} groups already in {paths.shards}")
-    gather_objects(None, world, group_sync)  # every rank has listed the finished groups before any writes one
+    dist.gather_objects(None, world, group_sync)  # every rank has listed the finished groups before any writes one
     mine = shard_groups(todo, world.rank, world.size)
     real = RealImages(info, args) if args.init == "real" and todo else None
     objective = Objective(model, args)
@@ -769,7 +734,7 @@ def run(args, info, world, device, t0):
     except cli.UserError as e:
         error = e
     objective.remove()
-    settle(error, world, group_sync)  # every rank is done: rank 0 merges
+    dist.settle(error, world, group_sync)  # every rank is done: rank 0 merges
 
     merged, error = False, None
     if world.is_main:
@@ -778,8 +743,8 @@ def run(args, info, world, device, t0):
                                   require_all=(lo, hi) == (0, info.num_classes), world_size=world.size)
         except cli.UserError as e:
             error = e
-    settle(error, world, group_sync)
-    merged = gather_objects(merged, world, group_sync)[0]
+    dist.settle(error, world, group_sync)
+    merged = dist.gather_objects(merged, world, group_sync)[0]
     ranks = f" by {world.size} ranks" if world.enabled else ""
     log(f"[recover] {len(todo)} group(s) recovered{ranks} in {time.time() - t0:.1f}s")
     return {"synthetic": paths.synthetic if merged else None, "shards": paths.shards}

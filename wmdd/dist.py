@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
+
+from wmdd.cli import fail
+
+# Ranks may finish their shares hours apart (recover on ImageNet): the default 10-30 min timeout is too short.
+WAIT_TIMEOUT = timedelta(days=2)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,31 @@ def rank_slice(n: int, world: World) -> range:
     per, extra = divmod(n, world.size)
     start = world.rank * per + min(world.rank, extra)
     return range(start, start + per + (1 if world.rank < extra else 0))
+
+
+def wait_group(world: World):
+    """A gloo group over every rank with a long timeout, for barriers and exchanging small objects."""
+    return torch_dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if world.enabled else None
+
+
+def gather_objects(obj, world: World, group) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a barrier too)."""
+    if not world.enabled:
+        return [obj]
+    out = [None] * world.size
+    torch_dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def settle(error, world: World, group) -> None:
+    """Every rank calls this at the same point: re-raise this rank's UserError, or stop this rank too when
+    another rank failed (every rank exits 2; nobody waits forever for a rank that stopped)."""
+    messages = gather_objects(None if error is None else str(error), world, group)
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        fail(f"rank {failed[0][0]} of {world.size} stopped: {failed[0][1]}")
 
 
 def teardown(world: World) -> None:
