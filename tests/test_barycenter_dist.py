@@ -16,7 +16,7 @@ import torch
 
 import barycenter
 from conftest import copy_run, run_stage
-from tests.test_distributed import REPO
+from tests.test_recover_dist import REPO
 from tests.test_recover_dist import _CreatesAFile, launch, one_thread, write_teacher
 from wmdd import artifacts, cli
 

@@ -22,8 +22,9 @@ import barycenter
 import recover
 import squeeze
 from conftest import copy_run, run_stage
-from tests.test_distributed import REPO
 from wmdd import artifacts, cli, data, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COMMON = ["--dataset", "digits", "--ipc", 2, "--batch-size", 2, "--iterations", 16]
 GROUPS = 10
