@@ -28,10 +28,24 @@ hard), where the teacher's val top-1 stands in for the full-data hard-label accu
 
 Writes to --out: `results.json` (every number per seed, the config, the label settings) and
 `results.md` (the table, also printed).
+
+Resume: every finished student is written at once to `students/<images>-<labels>-seed<s>.json`
+(atomically, with a fingerprint of everything it depends on: settings, seed, synthetic set, teacher,
+labels); a rerun of the same command (e.g. after a SIGKILL) keeps those and trains only the rest, so
+the final results equal an uninterrupted run's. Change a setting and the stale students are retrained.
+
+Several processes: `torchrun --nproc_per_node N evaluate.py ...` trains each student with
+DistributedDataParallel. The batches are relabel's (replayed, not drawn by a DistributedSampler): each
+rank takes its contiguous part of every batch, and the loss is scaled so that DDP's gradient average is
+the whole batch's gradient. On CUDA, BatchNorm is synchronised (SyncBatchNorm), so a student sees the
+statistics of the whole batch as in one process; gloo on CPU has no SyncBatchNorm, so there each
+rank's BatchNorm normalises its own part of the batch (a BatchNorm-free student such as vit_tiny
+trains as in one process). Validation is split across ranks and the counts summed; rank 0 writes.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -40,10 +54,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from wmdd import artifacts, augment, cli, data, engine, models, softlabels, subsets
+from wmdd import artifacts, augment, cli, data, dist, engine, models, softlabels, subsets
 
 
 def get_args_parser():
@@ -76,29 +92,30 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------------------------------------
-# losses: per-image terms, weighted, averaged over the batch
+# losses: per-image terms, weighted, averaged over the batch (n: the whole batch's size, when these
+# rows are one rank's part of it; default: these rows are the batch)
 
 
-def soft_kl(student: torch.Tensor, teacher: torch.Tensor, T: float, weights: torch.Tensor) -> torch.Tensor:
+def soft_kl(student: torch.Tensor, teacher: torch.Tensor, T: float, weights: torch.Tensor, n=None) -> torch.Tensor:
     """sum_i w_i KL(softmax(t_i / T) || softmax(s_i / T)) / n. With w = 1 this is the released
     nn.KLDivLoss(reduction='batchmean')(log_softmax(s / T), softmax(t / T)) (no T^2 factor)."""
     log_p_t = F.log_softmax(teacher.float() / T, dim=1)
     kl = (log_p_t.exp() * (log_p_t - F.log_softmax(student / T, dim=1))).sum(dim=1)
-    return (weights * kl).sum() / student.shape[0]
+    return (weights * kl).sum() / (n or student.shape[0])
 
 
-def mixed_ce(student, y, y_mix, lam: float, weights) -> torch.Tensor:
+def mixed_ce(student, y, y_mix, lam: float, weights, n=None) -> torch.Tensor:
     """CutMix cross-entropy: lam * CE(y) + (1 - lam) * CE(y of the pasted image), weighted."""
     per = lam * F.cross_entropy(student, y, reduction="none") + \
         (1.0 - lam) * F.cross_entropy(student, y_mix, reduction="none")
-    return (weights * per).sum() / student.shape[0]
+    return (weights * per).sum() / (n or student.shape[0])
 
 
-def mse_gt(student, teacher, y, y_mix, lam: float, weights, gt_weight: float) -> torch.Tensor:
+def mse_gt(student, teacher, y, y_mix, lam: float, weights, gt_weight: float, n=None) -> torch.Tensor:
     per = ((student - teacher.float()) ** 2).mean(dim=1)
     per = per + gt_weight * (lam * F.cross_entropy(student, y, reduction="none")
                              + (1.0 - lam) * F.cross_entropy(student, y_mix, reduction="none"))
-    return (weights * per).sum() / student.shape[0]
+    return (weights * per).sum() / (n or student.shape[0])
 
 
 def image_weights(norm_weights: torch.Tensor, index: torch.Tensor, mix_index: torch.Tensor, lam: float):
@@ -131,8 +148,10 @@ class StoredLabels:
             self.offsets.append(self.offsets[-1] + n)
         self.epoch, self.obj = None, None
 
-    def targets(self, item: dict, x: torch.Tensor) -> torch.Tensor:
+    def targets(self, item: dict, x: torch.Tensor, rows: range | None = None) -> torch.Tensor:
+        """The soft targets of batch `item` (of its `rows` when x is one rank's part of the batch)."""
         e, b = int(item["epoch"]), int(item["batch"])
+        rows = rows or range(x.shape[0])
         if e != self.epoch:
             self.obj, self.epoch = softlabels.read_epoch(self.dir, e, self.settings), e
         stored = int(self.obj["digests"][b])
@@ -140,7 +159,8 @@ class StoredLabels:
             cli.fail(f"the replayed augmentation of epoch {e} batch {b} differs from the one relabel used "
                      f"(digest {stored} vs {int(item['digest'])}): another torch version or augmentation code. "
                      f"Rerun relabel.py in this environment.")
-        entry = softlabels.slice_entry(self.obj["entry"], self.offsets[b], self.offsets[b + 1])
+        start = self.offsets[b] + rows.start
+        entry = softlabels.slice_entry(self.obj["entry"], start, start + len(rows))
         return softlabels.decode(entry, self.num_classes).to(x.device)
 
 
@@ -160,7 +180,9 @@ class OnlineLabels:
         self.dataset, self.plan, self.epoch = dataset, plan, None
 
     @torch.no_grad()
-    def targets(self, item: dict, x: torch.Tensor) -> torch.Tensor:
+    def targets(self, item: dict, x: torch.Tensor, rows: range | None = None) -> torch.Tensor:
+        """The soft targets of batch `item` (of its `rows` when x is one rank's part of the batch)."""
+        rows = rows or range(x.shape[0])
         if self.rank is not None:
             e, b = int(item["epoch"]), int(item["batch"])
             if e != self.epoch:
@@ -168,8 +190,8 @@ class OnlineLabels:
                           for k in range(self.plan.batches_per_epoch)]
                 self.entry = softlabels.encode(torch.cat(logits), None, self.precision or "fp16", self.rank)
                 self.epoch = e
-            start = b * self.plan.batch_size
-            entry = softlabels.slice_entry(self.entry, start, start + x.shape[0])
+            start = b * self.plan.batch_size + rows.start
+            entry = softlabels.slice_entry(self.entry, start, start + len(rows))
             return softlabels.decode(entry, self.num_classes).to(x.device)
         t = self.teacher(x)
         if self.topk is None and self.precision is None:
@@ -181,11 +203,18 @@ class OnlineLabels:
 # one student
 
 
-def train_student(iset, source, args, info, spec, plan, device, val_loader, seed: int, desc: str) -> dict:
-    """Train one student on `iset` with labels from `source` (None: hard labels); validate."""
+def train_student(iset, source, args, info, spec, plan, device, val_loader, seed: int, desc: str,
+                  world: dist.World = dist.World()) -> dict:
+    """Train one student on `iset` with labels from `source` (None: hard labels); validate.
+    Under torchrun: DistributedDataParallel, each rank on its rows of every replayed batch."""
     t0 = time.time()
     torch.manual_seed(seed)
     model = models.build_model(args.student, info.num_classes, info.stem, info.image_size).to(device)
+    net = model
+    if world.enabled:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: 0.5 * (1.0 + math.cos(math.pi * e / args.epochs)))
@@ -198,41 +227,73 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
                         num_workers=args.workers)
     history, running, seen = [], 0.0, 0
     last_batch = plan.batches_per_epoch - 1
-    bar = tqdm(loader, desc=desc, total=args.epochs * plan.batches_per_epoch, leave=False)
+    bar = tqdm(loader, desc=desc, total=args.epochs * plan.batches_per_epoch, leave=False, disable=not world.is_main)
     for item in bar:
-        x = item["x"].to(device, non_blocking=True)
+        n = item["x"].shape[0]
+        rows = dist.rank_slice(n, world)  # this rank's part of the batch (all of it in one process)
+        x = item["x"][rows.start:rows.stop].to(device, non_blocking=True)
         index, mix = item["index"].to(device), item["mix_index"].to(device)
         lam = float(item["lam_area"])
         y = labels[index]
-        w = image_weights(norm_w, index, mix, lam)
-        target = source.targets(item, x) if source is not None else None
-        model.train()
-        out = model(x)
+        w = image_weights(norm_w, index, mix, lam)[rows.start:rows.stop]
+        y_own, y_pasted = y[rows.start:rows.stop], y[mix][rows.start:rows.stop]
+        target = source.targets(item, x, rows) if source is not None else None
+        net.train()
+        out = net(x)
         if source is None:
-            loss = mixed_ce(out, y, y[mix], lam, w)
+            loss = mixed_ce(out, y_own, y_pasted, lam, w, n)
         elif args.loss == "kl":
-            loss = soft_kl(out, target, args.temperature, w)
+            loss = soft_kl(out, target, args.temperature, w, n)
         else:
-            loss = mse_gt(out, target, y, y[mix], lam, w, args.gt_weight)
-        if not torch.isfinite(loss):
-            cli.fail(f"the student's loss became {loss.item()} in epoch {int(item['epoch']) + 1} ({desc}). "
+            loss = mse_gt(out, target, y_own, y_pasted, lam, w, args.gt_weight, n)
+        batch_loss = dist.all_reduce_sum_(loss.detach().clone(), world).item()  # every rank's rows: the batch's
+        if not math.isfinite(batch_loss):
+            cli.fail(f"the student's loss became {batch_loss} in epoch {int(item['epoch']) + 1} ({desc}). "
                      "Lower --lr, or check the labels (rerun relabel.py).")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world.size).backward()  # DDP averages over ranks: the sum of the ranks' parts remains
         optimizer.step()
-        running += loss.item() * x.shape[0]
-        seen += x.shape[0]
+        running += batch_loss * n
+        seen += n
         if int(item["batch"]) == last_batch:
             epoch = int(item["epoch"]) + 1
             scheduler.step()
             if epoch % args.eval_every == 0 or epoch == args.epochs:
-                val = engine.validate(model, val_loader, device, progress=False)
+                val = engine.validate(model, val_loader, device, progress=False, world=world)
                 history.append({"epoch": epoch, "train_loss": running / seen, **val})
                 bar.set_postfix(loss=f"{running / seen:.4f}", val_top1=f"{val['top1']:.2f}")
                 running, seen = 0.0, 0
     final = history[-1]
     return {"seed": seed, "top1": final["top1"], "top5": final["top5"], "history": history,
-            "wall_s": round(time.time() - t0, 2)}
+            "wall_s": round(time.time() - t0, 2), "world_size": world.size}
+
+
+# ---------------------------------------------------------------------------------------------
+# finished students (resume)
+
+
+def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
+    """sha256 of everything one student's result depends on: a rerun keeps a student file only if equal."""
+    config = {k: v for k, v in cli.args_dict(args).items()
+              if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
+                           "val_batch_size", "teacher", "synthetic")}
+    blob = json.dumps({"config": config, "key": key, "seed": seed, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def student_path(paths, key: str, seed: int) -> str:
+    return os.path.join(paths.students, f"{key.replace('/', '-')}-seed{seed}.json")
+
+
+def finished_student(path: str, fingerprint: str):
+    """The stored record if `path` holds a finished student with this fingerprint, else None
+    (a missing, torn or stale file is trained again)."""
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+        return obj["record"] if obj.get("fingerprint") == fingerprint else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +380,17 @@ def resolve_label_settings(args, info, syn, paths, teacher_path, synthetic_path)
 def main(args):
     t0 = time.time()
     info = data.resolve(args)
+    world, device = dist.setup(cli.resolve_device(args.device))
+    try:
+        return run(args, info, world, device, t0)
+    finally:
+        dist.teardown(world)
+
+
+def run(args, info, world, device, t0):
+    log = print if world.is_main else (lambda *a, **k: None)
     args.out = cli.default_out(args)
     args.student = args.student or info.arch
-    device = cli.resolve_device(args.device)
     cli.seed_everything(args.seed)
     paths = artifacts.run_paths(args.out)
     teacher_path = args.teacher or paths.teacher
@@ -350,19 +419,24 @@ def main(args):
     if args.eval_every is None:
         args.eval_every = max(1, args.epochs // 5)
     needs_teacher = args.labels == "online" or (args.baseline == "random" and args.labels != "hard")
-    cli.print_config("evaluate", args, classes=info.num_classes, image_size=info.image_size, stem=info.stem,
-                     device_resolved=str(device), augmentation=spec.as_dict(), augmentation_seed=aug_seed,
-                     label_compression=f"topk={topk} rank={rank} precision={precision}")
+    if world.is_main:
+        cli.print_config("evaluate", args, classes=info.num_classes, image_size=info.image_size, stem=info.stem,
+                         device_resolved=str(device), augmentation=spec.as_dict(), augmentation_seed=aug_seed,
+                         label_compression=f"topk={topk} rank={rank} precision={precision}", world_size=world.size,
+                         kernels="none used by this stage (student training and teacher forward passes only)")
 
     teacher, teacher_art = (None, None)
     if needs_teacher or os.path.isfile(teacher_path):
         teacher, teacher_art = models.load_teacher(teacher_path, info, device)
-    val_loader = DataLoader(data.build_dataset(info, args, "val"), batch_size=args.val_batch_size,
-                            num_workers=args.workers)
+    val_set = data.build_dataset(info, args, "val")
+    if world.enabled:  # each rank validates its block; engine.validate sums the counts
+        val_set = Subset(val_set, list(dist.rank_slice(len(val_set), world)))
+    val_loader = DataLoader(val_set, batch_size=args.val_batch_size, num_workers=args.workers)
     teacher_meta = (teacher_art or {}).get("meta") or {}
     teacher_top1 = teacher_meta.get("val_top1")
     if teacher is not None and teacher_top1 is None:  # a plain state_dict: measure it once
-        teacher_top1 = engine.validate(teacher, val_loader, device, desc="teacher")["top1"]
+        teacher_top1 = engine.validate(teacher, val_loader, device, desc="teacher", progress=world.is_main,
+                                       world=world)["top1"]
 
     plan = augment.ReplayPlan(len(syn), args.batch_size, aug_seed)
     soft_desc = {"stored": "soft, stored", "online": "soft, teacher online", "hard": "hard"}[args.labels]
@@ -385,14 +459,33 @@ def main(args):
         configs.append(("random/hard", f"random real (seed {args.seed})", real, None, "hard"))
 
     seeds = [args.seed + s for s in range(args.seeds)]
+    upstream = {"synthetic_sha256": artifacts.sha256_file(synthetic_path), "label_settings": settings,
+                "teacher_sha256": artifacts.sha256_file(teacher_path) if teacher is not None else None,
+                "random_subset": real.indices if args.baseline == "random" else None}
+    # rank 0 decides which students are finished; every rank trains the same remaining ones
+    finished = None
+    if world.is_main:
+        finished = {(key, s): finished_student(student_path(paths, key, s), student_fingerprint(args, key, s, upstream))
+                    for key, *_ in configs for s in seeds}
+        kept = sum(r is not None for r in finished.values())
+        if kept:
+            print(f"[evaluate] resuming: {kept} of {len(finished)} students already finished in {paths.students}")
+    finished = dist.gather_objects(finished, world, None)[0]
     runs = []
     for key, images_desc, iset, source, label_desc in configs:
         per_seed = []
         for s in seeds:
-            iplan = plan if len(iset) == len(syn) else augment.ReplayPlan(len(iset), args.batch_size, aug_seed)
-            rec = train_student(iset, source, args, info, spec, iplan, device, val_loader, s, desc=f"{key} seed {s}")
+            rec = finished[(key, s)]
+            if rec is None:
+                iplan = plan if len(iset) == len(syn) else augment.ReplayPlan(len(iset), args.batch_size, aug_seed)
+                rec = train_student(iset, source, args, info, spec, iplan, device, val_loader, s,
+                                    desc=f"{key} seed {s}", world=world)
+                if world.is_main:
+                    os.makedirs(paths.students, exist_ok=True)
+                    _atomic_write(student_path(paths, key, s), json.dumps(
+                        {"fingerprint": student_fingerprint(args, key, s, upstream), "record": rec}, indent=1))
             per_seed.append(rec)
-            print(f"[evaluate] {key} seed {s}: top-1 {rec['top1']:.2f} top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)")
+            log(f"[evaluate] {key} seed {s}: top-1 {rec['top1']:.2f} top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)")
         runs.append({"key": key, "images": images_desc, "label_desc": label_desc, "per_seed": per_seed,
                      "top1": summarize([r["top1"] for r in per_seed]), "top5": summarize([r["top5"] for r in per_seed])})
 
@@ -411,7 +504,7 @@ def main(args):
         "teacher_arch": (teacher_art or {}).get("model_args", {}).get("arch") if teacher_art else None,
         "hlr_note": "acc(full data, hard) is the teacher's val top-1 (a stand-in for a student trained on "
                     "the full training set with hard labels)",
-        "random_subset_indices": real.indices if args.baseline == "random" else None,
+        "random_subset_indices": upstream["random_subset"], "world_size": world.size,
         "runs": runs, "metrics": metrics,
         "upstream": {"synthetic": synthetic_path, "synthetic_sha256": artifacts.sha256_file(synthetic_path)},
         "versions": artifacts.library_versions(), "wall_time_s": round(time.time() - t0, 1),
@@ -419,11 +512,13 @@ def main(args):
     report["config"]["seeds"] = args.seeds
     report["versions"] = {k: str(v) for k, v in report["versions"].items()}
     table = markdown(report)
-    os.makedirs(args.out, exist_ok=True)
-    _atomic_write(paths.results_json, json.dumps(report, indent=1, default=str))
-    _atomic_write(paths.results_md, table)
-    print(table)
-    print(f"[evaluate] wrote {paths.results_json} and {paths.results_md} in {time.time() - t0:.1f}s")
+    if world.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        _atomic_write(paths.results_json, json.dumps(report, indent=1, default=str))
+        _atomic_write(paths.results_md, table)
+    log(table)
+    log(f"[evaluate] wrote {paths.results_json} and {paths.results_md} in {time.time() - t0:.1f}s")
+    dist.barrier(world)
     return report
 
 

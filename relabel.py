@@ -17,8 +17,14 @@ Storage (wmdd/softlabels.py): `labels/manifest.pt` (settings, teacher and synthe
 labels, barycenter weights) and one `labels/epoch_XXXX.pt` per epoch with the logits in fp16, or with
 --topk K only the K largest per image (+ their class indices and the mean of the others), or with
 --rank R a rank-R approximation (the epoch's principal directions + R coefficients per image), and with
---precision int8 as 8-bit codes (bench/RESULTS.md, "Labels": bytes and accuracy of each). Rerunning skips epochs already written with the same settings, so an
-interrupted run resumes, and shards (--epochs-range) fill one directory.
+--precision int8 as 8-bit codes (bench/RESULTS.md, "Labels": bytes and accuracy of each).
+
+Resume and sharding: each epoch file is written atomically, and a rerun skips every epoch already
+written with the same settings, so an interrupted run (even SIGKILLed) resumes where it stopped and
+gives the same files as an uninterrupted one. The unit of work is the epoch (a CutMix batch mixes
+classes): `torchrun --nproc_per_node N relabel.py ...` gives each rank a contiguous block of the epochs
+still to do, and rank 0 then checks that every epoch of the range is stored; --epochs-range a:b shards
+by hand across separate jobs that fill one directory.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wmdd import artifacts, augment, cli, data, models, softlabels, subsets
+from wmdd import artifacts, augment, cli, data, dist, models, softlabels, subsets
 
 
 def get_args_parser():
@@ -79,17 +85,18 @@ def label_settings(args, info, syn, spec, teacher_path, synthetic_path) -> dict:
 
 
 @torch.no_grad()
-def relabel_epochs(teacher, dataset, plan, epochs, settings, labels_dir, info, device, workers=0):
-    """Teacher logits on every batch of `epochs`; one compressed file per epoch."""
-    todo = [e for e in epochs if not softlabels.epoch_is_current(labels_dir, e, settings)]
-    if len(todo) < len(epochs):
-        print(f"[relabel] {len(epochs) - len(todo)} of {len(epochs)} epochs already stored with these "
-              "settings: skipped")
+def epochs_to_do(labels_dir, epochs, settings) -> list:
+    """The epochs of `epochs` not yet stored with `settings` (a torn or foreign file counts as not stored)."""
+    return [e for e in epochs if not softlabels.epoch_is_current(labels_dir, e, settings)]
+
+
+def relabel_epochs(teacher, dataset, plan, todo, settings, labels_dir, info, device, workers=0, progress=True):
+    """Teacher logits on every batch of the epochs `todo`; one compressed file per epoch."""
     if not todo:
         return 0
     loader = DataLoader(dataset, batch_size=None, sampler=augment.ReplaySampler(plan, todo), num_workers=workers)
     logits_epoch, digests, stored_bytes, fidelity = [], [], 0, []
-    bar = tqdm(loader, desc="relabel", total=len(todo) * plan.batches_per_epoch)
+    bar = tqdm(loader, desc="relabel", total=len(todo) * plan.batches_per_epoch, disable=not progress)
     for item in bar:
         logits = teacher(item["x"].to(device, non_blocking=True))
         if not torch.isfinite(logits).all():
@@ -107,7 +114,7 @@ def relabel_epochs(teacher, dataset, plan, epochs, settings, labels_dir, info, d
             logits_epoch, digests = [], []
             bar.set_postfix(epoch=item["epoch"] + 1, kib=f"{stored_bytes / 1024:.0f}",
                             argmax_kept=f"{fidelity[-1]['argmax_agreement']:.4f}")
-    if fidelity:
+    if fidelity and progress:
         mean = {k: sum(f[k] for f in fidelity) / len(fidelity) for k in fidelity[0]}
         print(f"[relabel] stored vs exact logits, mean over {len(fidelity)} epoch(s): argmax agreement "
               f"{mean['argmax_agreement']:.4f}, KL at T = 20 {mean['kl_t20']:.2e}, relative error of the "
@@ -118,10 +125,18 @@ def relabel_epochs(teacher, dataset, plan, epochs, settings, labels_dir, info, d
 def main(args):
     t0 = time.time()
     info = data.resolve(args)
+    world, device = dist.setup(cli.resolve_device(args.device))
+    try:
+        return run(args, info, world, device, t0)
+    finally:
+        dist.teardown(world)
+
+
+def run(args, info, world, device, t0):
+    log = print if world.is_main else (lambda *a, **k: None)
     subsets.default_batch_size(args)
     data.preset_defaults(args, "relabel")
     args.out = cli.default_out(args)
-    device = cli.resolve_device(args.device)
     cli.seed_everything(args.seed)
     paths = artifacts.run_paths(args.out)
     teacher_path = args.teacher or paths.teacher
@@ -133,9 +148,11 @@ def main(args):
         cli.fail(f"--topk and --rank must be at least 1 (got {args.topk}, {args.rank}).")
     if args.topk is not None and args.rank is not None:
         cli.fail("--topk and --rank are two ways to compress the logits: pass one of them.")
-    cli.print_config("relabel", args, classes=info.num_classes, image_size=info.image_size,
-                     crop_scale=info.crop_scale, flip=info.flip, device_resolved=str(device),
-                     labels_dir=paths.labels, epochs_here=f"{epochs.start}:{epochs.stop}")
+    if world.is_main:
+        cli.print_config("relabel", args, classes=info.num_classes, image_size=info.image_size,
+                         crop_scale=info.crop_scale, flip=info.flip, device_resolved=str(device),
+                         labels_dir=paths.labels, epochs_here=f"{epochs.start}:{epochs.stop}", world_size=world.size,
+                         kernels="none used by this stage (teacher forward passes only)")
 
     syn = subsets.load_synthetic(synthetic_path, info, args.ipc, teacher_path)
     teacher, _ = models.load_teacher(teacher_path, info, device)
@@ -146,17 +163,41 @@ def main(args):
                                batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
                                barycenter_weights="payload `weights`",
                                weights_uniform=bool(torch.allclose(syn.weights, syn.weights.mean())),
-                               augment=spec.as_dict(), topk=args.topk, rank=args.rank, precision=args.precision)
-    softlabels.write_manifest(paths.labels, settings, syn.labels, syn.weights, meta)
+                               augment=spec.as_dict(), topk=args.topk, rank=args.rank, precision=args.precision,
+                               world_size=world.size)
+    group = dist.wait_group(world)
+    todo = None
+    if world.is_main:
+        softlabels.write_manifest(paths.labels, settings, syn.labels, syn.weights, meta)
+        todo = epochs_to_do(paths.labels, epochs, settings)
+        if len(todo) < len(epochs):
+            print(f"[relabel] resuming: {len(epochs) - len(todo)} of {len(epochs)} epochs already stored with "
+                  "these settings: skipped")
+    todo = dist.gather_objects(todo, world, group)[0]  # rank 0's list: every rank splits the same one
+    mine = [todo[i] for i in dist.rank_slice(len(todo), world)]
 
     dataset = augment.ReplayDataset(syn.images, plan, spec, info.mean, info.std)
-    stored = relabel_epochs(teacher, dataset, plan, list(epochs), settings, paths.labels, info, device, args.workers)
+    error, stored = None, 0
+    try:
+        stored = relabel_epochs(teacher, dataset, plan, mine, settings, paths.labels, info, device, args.workers,
+                                progress=world.is_main)
+    except cli.UserError as e:
+        error = e
+    dist.settle(error, world, group)
+    stored = sum(dist.gather_objects(stored, world, group))
+    if world.is_main:
+        missing = epochs_to_do(paths.labels, epochs, settings)
+        if missing:
+            cli.fail(f"epochs {missing[:10]}{' ...' if len(missing) > 10 else ''} of {epochs.start}:{epochs.stop} "
+                     f"are not stored in {paths.labels} after every rank finished (a file was removed or "
+                     "overwritten by another run meanwhile). Rerun the same command: it redoes only those.")
     per_image_epoch = softlabels.bytes_per_image(info.num_classes, args.topk, args.precision, args.rank)
     fkd = softlabels.fkd_bytes_per_batch(info.num_classes, args.batch_size) / args.batch_size
-    print(f"[relabel] wrote {len(epochs)} epoch(s) x {plan.batches_per_epoch} batch(es) of soft labels to "
-          f"{paths.labels} ({stored / 1024:.1f} KiB payload this run; {per_image_epoch} B per image-epoch vs "
-          f"{fkd:.0f} B in the FKD format) in {time.time() - t0:.1f}s")
-    return {"labels": paths.labels, "settings": settings}
+    ranks = f" by {world.size} ranks" if world.enabled else ""
+    log(f"[relabel] wrote {len(todo)} epoch(s) x {plan.batches_per_epoch} batch(es) of soft labels{ranks} to "
+        f"{paths.labels} ({stored / 1024:.1f} KiB payload this run; {per_image_epoch} B per image-epoch vs "
+        f"{fkd:.0f} B in the FKD format); epochs {epochs.start}:{epochs.stop} complete, in {time.time() - t0:.1f}s")
+    return {"labels": paths.labels, "settings": settings, "epochs_written": len(todo)}
 
 
 if __name__ == "__main__":

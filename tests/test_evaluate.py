@@ -56,7 +56,7 @@ def test_weights_reach_the_loss(labelled, monkeypatch):
     """The student's loss sees the barycenter weights normalised to mean 1, mixed by CutMix area."""
     seen = []
     real_kl = evaluate.soft_kl
-    monkeypatch.setattr(evaluate, "soft_kl", lambda s, t, T, w: seen.append(w.clone()) or real_kl(s, t, T, w))
+    monkeypatch.setattr(evaluate, "soft_kl", lambda s, t, T, w, n=None: seen.append(w.clone()) or real_kl(s, t, T, w, n))
     syn = artifacts.load(artifacts.run_paths(labelled).synthetic)
     run_stage(evaluate, ["--dataset", "digits", "--ipc", 10, "--out", labelled, "--epochs", 2, "--baseline", "none"])
     norm = syn["weights"] / syn["weights"].mean()

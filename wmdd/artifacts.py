@@ -81,6 +81,11 @@ class RunPaths:
     def results_md(self):
         return self._p("results.md")
 
+    @property
+    def students(self):
+        """evaluate's finished students, one JSON file each (what a rerun keeps)."""
+        return self._p("students")
+
 
 def run_paths(out: str) -> RunPaths:
     return RunPaths(out)

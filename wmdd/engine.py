@@ -6,8 +6,9 @@ from tqdm import tqdm
 
 
 @torch.no_grad()
-def validate(model, loader, device, progress: bool = True, desc: str = "validate") -> dict:
-    """Top-1 and top-5 accuracy (percent) of `model` over `loader`."""
+def validate(model, loader, device, progress: bool = True, desc: str = "validate", world=None) -> dict:
+    """Top-1 and top-5 accuracy (percent) of `model` over `loader`. Under torchrun (`world`, a
+    wmdd.dist.World) each rank passes its own part of the data and the counts are summed over ranks."""
     model.eval()
     correct1 = correct5 = total = 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -17,6 +18,10 @@ def validate(model, loader, device, progress: bool = True, desc: str = "validate
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         total += y.numel()
+    if world is not None and world.enabled:
+        from wmdd import dist
+        counts = dist.all_reduce_sum_(torch.tensor([correct1, correct5, total], dtype=torch.float64, device=device), world)
+        correct1, correct5, total = (int(v) for v in counts.tolist())
     return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
 
 
