@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.wmdd-installed
 # Anything that changes what `pip install -e .` builds re-runs the install.
 INSTALL_DEPS := pyproject.toml setup.py $(wildcard csrc/*)
 
-.PHONY: install test test-all demo bench clean cuda-check
+.PHONY: install test test-ref test-readme test-all demo bench clean cuda-check
 
 install: $(STAMP)
 
@@ -22,6 +22,15 @@ $(STAMP): $(INSTALL_DEPS)
 
 test: install
 	$(PY) -m pytest -q
+
+# The same suite with the compiled kernels switched off (WMDD_NO_EXT=1): the POT / plain-torch fallback
+# every stage takes where the extension is not built. Kernel-vs-reference tests skip, the rest must pass.
+test-ref: install
+	WMDD_NO_EXT=1 $(PY) -m pytest -q
+
+# The README's digits command block, run as written (the whole default digits pipeline, ~3 min on 2 cores).
+test-readme: install
+	$(PY) -m pytest -q -m slow tests/test_readme.py
 
 test-all: install
 	$(PY) -m pytest -q -m ""

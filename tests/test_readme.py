@@ -23,11 +23,13 @@ def readme_block(tag: str) -> list:
 
 
 def all_stage_commands() -> list:
-    """Every `python <stage>.py ...` line of every bash block, with shell variables substituted."""
+    """Every `python <stage>.py ...` (or `torchrun ... <stage>.py ...`) line of every bash block, as a
+    `python <stage>.py ...` line with shell variables substituted."""
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", README, re.S):
         env = dict(re.findall(r"(\w+)=(\S+)", block.splitlines()[0])) if "=" in block.splitlines()[0] else {}
         for line in block.splitlines():
+            line = re.sub(r"^torchrun( --\S+ \S+)* ", "python ", line)
             if line.startswith("python ") and line.split()[1].endswith(".py"):
                 for k, v in env.items():
                     line = line.replace(f"${k}", v)
