@@ -190,9 +190,10 @@ def test_evaluate_sigkill_then_rerun_keeps_finished_students(labelled, tmp_path,
 
 def test_a_changed_setting_retrains_every_student(labelled, tmp_path, capsys):
     out = copy_run(labelled, tmp_path / "stale")
-    run_stage(evaluate, EVAL + ["--out", out])
-    capsys.readouterr()
-    run_stage(evaluate, EVAL + ["--out", out, "--seeds", 2])  # more seeds: the first two are kept
-    assert "resuming: 2 of 4 students" in capsys.readouterr().out
-    run_stage(evaluate, EVAL + ["--out", out, "--temperature", 4])  # another recipe: nothing kept
-    assert "resuming" not in capsys.readouterr().out
+    with one_thread():
+        run_stage(evaluate, EVAL + ["--out", out])
+        capsys.readouterr()
+        run_stage(evaluate, EVAL + ["--out", out, "--seeds", 2])  # more seeds: the first two are kept
+        assert "resuming: 2 of 4 students" in capsys.readouterr().out
+        run_stage(evaluate, EVAL + ["--out", out, "--temperature", 4])  # another recipe: nothing kept
+        assert "resuming" not in capsys.readouterr().out
