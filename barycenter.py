@@ -319,19 +319,13 @@ def solve_blocks(blocks: list, args, info, features, per_class, paths, upstream:
 
 
 def main(args):
-    t0 = time.time()
-    info = data.resolve(args)
-    data.preset_defaults(args, "barycenter")
-    args.out = cli.default_out(args)
-    world, device = dist.setup(cli.resolve_device(args.device))
-    try:
-        return run(args, info, world, device, t0)
-    finally:
-        dist.teardown(world)
+    return dist.stage_main(run, args)
 
 
 def run(args, info, world, device, t0):
     log = print if world.is_main else (lambda *a, **k: None)
+    data.preset_defaults(args, "barycenter")
+    args.out = cli.default_out(args)
     cli.seed_everything(args.seed)
     first, last = parse_class_range(args.classes, info.num_classes)
     if args.class_batch < 1 or args.batch_size < 1:

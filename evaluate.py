@@ -378,13 +378,7 @@ def resolve_label_settings(args, info, syn, paths, teacher_path, synthetic_path)
 
 
 def main(args):
-    t0 = time.time()
-    info = data.resolve(args)
-    world, device = dist.setup(cli.resolve_device(args.device))
-    try:
-        return run(args, info, world, device, t0)
-    finally:
-        dist.teardown(world)
+    return dist.stage_main(run, args)
 
 
 def run(args, info, world, device, t0):

@@ -677,13 +677,7 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float, req
 
 
 def main(args):
-    t0 = time.time()
-    info = data.resolve(args)
-    world, device = dist.setup(cli.resolve_device(args.device))
-    try:
-        return run(args, info, world, device, t0)
-    finally:
-        dist.teardown(world)
+    return dist.stage_main(run, args)
 
 
 def run(args, info, world, device, t0):

@@ -123,13 +123,7 @@ def relabel_epochs(teacher, dataset, plan, todo, settings, labels_dir, info, dev
 
 
 def main(args):
-    t0 = time.time()
-    info = data.resolve(args)
-    world, device = dist.setup(cli.resolve_device(args.device))
-    try:
-        return run(args, info, world, device, t0)
-    finally:
-        dist.teardown(world)
+    return dist.stage_main(run, args)
 
 
 def run(args, info, world, device, t0):

@@ -126,12 +126,13 @@ def train_teacher(args, info, device, paths, world) -> tuple:
 
 
 def main(args):
-    t0 = time.time()
-    info = data.resolve(args)
+    return dist.stage_main(run, args)
+
+
+def run(args, info, world, device, t0):
     data.preset_defaults(args, "squeeze")
     args.arch = args.arch or info.arch
     args.out = cli.default_out(args)
-    world, device = dist.setup(cli.resolve_device(args.device))
     cli.seed_everything(args.seed)
     if world.is_main:
         cli.print_config("squeeze", args, classes=info.num_classes, stem=info.stem, image_size=info.image_size,
@@ -174,7 +175,6 @@ def main(args):
         print(f"[squeeze] wrote {paths.bn_stats} ({len(stats['layers'])} BN layers, "
               f"{time.time() - t_stats:.1f}s statistics pass, {time.time() - t0:.1f}s total)")
     dist.barrier(world)
-    dist.teardown(world)
     return {"teacher": teacher_path, "bn_stats": paths.bn_stats}
 
 

@@ -7,13 +7,15 @@ A plain `python <stage>.py` is a world of one, and every helper here is then a n
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
 
-from wmdd.cli import fail
+from wmdd import data
+from wmdd.cli import fail, resolve_device
 
 # Ranks may finish their shares hours apart (recover on ImageNet): the default 10-30 min timeout is too short.
 WAIT_TIMEOUT = timedelta(days=2)
@@ -46,6 +48,18 @@ def setup(device: torch.device) -> tuple:
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world, device
+
+
+def stage_main(run, args):
+    """A stage's main(): resolve the dataset preset, join torchrun's process group (if any), call
+    run(args, info, world, device, t0), and leave the group however run ends."""
+    t0 = time.time()
+    info = data.resolve(args)
+    world, device = setup(resolve_device(args.device))
+    try:
+        return run(args, info, world, device, t0)
+    finally:
+        teardown(world)
 
 
 def all_reduce_sum_(tensor: torch.Tensor, world: World) -> torch.Tensor:
