@@ -86,8 +86,8 @@ DEFAULT_INNER_ITERS = 1000  # Sinkhorn iterations per outer step at most (warm-s
 DEFAULT_TOL = 1e-3          # outer stop: weighted atom displacement / relative transport-cost change
                             # (3e-4 took ~2x the outer steps for W2^2 0.4-1% lower; bench/RESULTS.md)
 DEFAULT_SINKHORN_TOL = 1e-3  # inner stop: L2 violation of the data marginal (a few % of ||b|| = 1/sqrt(n))
-SINKHORN_CHECK_EVERY = 1    # inner stop tested after every iteration (free in the compiled kernel; POT
-                            # tests every 10th; the reference path then runs POT one iteration per call)
+SINKHORN_CHECK_EVERY = 1    # compiled kernel: inner stop tested after every iteration (free there); the
+                            # reference path keeps POT's every 10th (POT one iteration per call is slower)
 
 
 @dataclass
@@ -281,6 +281,7 @@ def _sinkhorn_barycenter(y, b, counts, x, w, *, learned: bool, reg: float, iters
     abs_tol = sinkhorn_tol  # absolute, so a class converges the same alone or in any batch
     min_weight = 1e-12  # keeps log(w) finite in the log-domain Sinkhorn; Lloyd finishing can zero it
     inner_total = 0
+    check_every = SINKHORN_CHECK_EVERY if ops.resolve_impl(impl) == "ext" else 10
     # the working set: the classes still iterating, gathered once per change (not every iteration)
     active = torch.arange(num_classes)
     ya, ba, yya = y, b, (y * y).sum(-1)
@@ -301,7 +302,7 @@ def _sinkhorn_barycenter(y, b, counts, x, w, *, learned: bool, reg: float, iters
         else:
             fa, _, stats = ops.sinkhorn_log_batched(cost, wa, ba, eps, max_iter=inner_iters, tol=abs_tol,
                                                     f_init=fa, impl=impl, return_info=True,
-                                                    check_every=SINKHORN_CHECK_EVERY)
+                                                    check_every=check_every)
             inner_total += int(stats["n_iter"].sum())
             # the plan with the data marginal exact: g <- c-transform of f (one half-iteration), i.e.
             # P_ij = b_j softmax_i((f_i - C_ij) / eps). Converged, this is the Sinkhorn plan; if not
