@@ -26,7 +26,8 @@ Solvers (`solver=`):
       built), on the *normalised* cost: coordinates are divided per class by sqrt(s), s = mean squared
       distance between two points of the class (= 2 x total variance), so epsilon is relative to the
       cost scale. epsilon_t = max(reg, eps0 * eps_decay^t) (epsilon scaling: 0.04 -> 0.02 -> 0.01 by
-      default), the atoms' dual potential warm-starts the next solve, and the plan used has the data
+      default), the atoms' dual potential warm-starts the next solve (with the compiled kernel its
+      stopping test runs after every iteration, not every 10th as POT's), and the plan used has the data
       marginal exact (g = c-transform of f), so every point carries its mass even before Sinkhorn
       has converged.
   (b) the location update B = diag(1/w) T Y (an atom with numerically no mass keeps its location),
