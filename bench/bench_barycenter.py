@@ -24,7 +24,7 @@ Rows, all from the same greedy k-means++ initialisation per class:
 Time: CPU seconds of this process per class (time.process_time; with the default --threads 1 this
 is the single-core time and is not inflated by other load on the machine), and wall seconds.
 --threads limits torch *and* numpy's BLAS (threadpoolctl; POT's loops call numpy matmuls): an
-unlimited OpenBLAS pool on a busy 2-core machine made POT exact 17-30x slower, in CPU and wall time,
+unlimited OpenBLAS pool on a busy 2-core machine made POT exact 8-32x slower, in CPU and wall time,
 than the same code on one thread (bench/RESULTS.md, Barycenter).
 Objective: exact W2^2 (POT EMD) per class, computed after the timed solve for every row; the table
 shows its mean and the ratio to POT exact's (mean and worst class). Evaluation time is not included.
