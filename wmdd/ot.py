@@ -88,7 +88,7 @@ DEFAULT_EXACT_ITERS = 100   # POT's default numItermax for ot.lp.free_support_ba
 DEFAULT_INNER_ITERS = 1000  # Sinkhorn iterations per outer step at most (warm-started: usually < 100)
 DEFAULT_TOL = 1e-3          # outer stop: weighted atom displacement / relative transport-cost change
                             # (uniform weights: 3e-4 took ~2x the outer steps for a W2^2 only 0.4-1% lower)
-DEFAULT_TOL_LEARNED = 3e-4  # learned weights keep the tighter stop (1e-3 cost them 0.2-2.5% of W2^2)
+DEFAULT_TOL_LEARNED = 3e-4  # learned weights keep the tighter stop (1e-3 cost them 0.2-0.4% of W2^2)
 DEFAULT_SINKHORN_TOL = 1e-3  # inner stop: L2 violation of the data marginal (a few % of ||b|| = 1/sqrt(n))
 SINKHORN_CHECK_EVERY = 1    # compiled kernel: inner stop tested after every iteration (free there); the
                             # reference path keeps POT's every 10th (POT one iteration per call is slower)
