@@ -222,8 +222,8 @@ __device__ __forceinline__ T lse_value(T m, T s) {
 template <typename T>
 __global__ void sinkhorn_kernel(const T* __restrict__ cost_all, const T* __restrict__ a_all,
                                 const T* __restrict__ b_all, int64_t k, int64_t n, T reg, int64_t max_iter, double tol,
-                                int64_t check_every, const T* __restrict__ f_init, const T* __restrict__ g_init, T* f_all, T* g_all,
-                                T* lse_all, int64_t* __restrict__ n_iter_out, double* __restrict__ err_out) {
+                                int64_t check_every, const T* __restrict__ f_init, const T* __restrict__ g_init,
+                                T* f_all, T* g_all, T* lse_all, int64_t* __restrict__ n_iter_out, double* __restrict__ err_out) {
   const int64_t p = blockIdx.x;
   const T* cost = cost_all + p * k * n;
   const T* a = a_all + p * k;
