@@ -23,6 +23,9 @@ Rows, all from the same greedy k-means++ initialisation per class:
 
 Time: CPU seconds of this process per class (time.process_time; with the default --threads 1 this
 is the single-core time and is not inflated by other load on the machine), and wall seconds.
+--threads limits torch *and* numpy's BLAS (threadpoolctl; POT's loops call numpy matmuls): an
+unlimited OpenBLAS pool on a busy 2-core machine made POT exact 8-32x slower, in CPU and wall time,
+than the same code on one thread (bench/RESULTS.md, Barycenter).
 Objective: exact W2^2 (POT EMD) per class, computed after the timed solve for every row; the table
 shows its mean and the ratio to POT exact's (mean and worst class). Evaluation time is not included.
 """
@@ -226,7 +229,7 @@ def main():
     p.add_argument("--full", action="store_true",
                    help="more classes, and the slow POT rows at the ImageNet shape too (15+ minutes)")
     p.add_argument("--record", action="store_true", help="write the tables into bench/RESULTS.md")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (POT's EMD is single-threaded)")
+    p.add_argument("--threads", type=int, default=1, help="torch and numpy-BLAS threads (POT's EMD is single-threaded)")
     p.add_argument("--reg", type=float, default=wot.DEFAULT_REG, help="epsilon relative to the cost scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--imagenet-classes", type=int, default=None,
@@ -234,6 +237,13 @@ def main():
     p.add_argument("--date", default=datetime.date.today().isoformat())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+    with threadpool_limits(limits=args.threads):  # numpy's BLAS (POT) too, not only torch
+        run(args)
+
+
+def run(args):
     print(f"barycenter bench: {machine()}; torch threads {args.threads}; {ops.describe('auto')}", flush=True)
 
     # classes per row: (POT exact and the ext rows, POT Sinkhorn, ref rows, released learned loop)
@@ -257,7 +267,7 @@ def main():
     imagenet = bench_case("ImageNet shape: N=1300, k=50", 1300, 50, counts["big"][0], sub("big"), args,
                           extrapolate=1000)
     header = (f"{SECTION}\n\n{args.date}, {machine()}, torch {torch.__version__} with {args.threads} thread(s), "
-              f"{ops.describe('auto')}. Features: synthetic post-ReLU clouds, d = 512 "
+              f"{ops.describe('auto')}; numpy's BLAS (POT) limited to the same threads (threadpoolctl). Features: synthetic post-ReLU clouds, d = 512 "
               f"(bench/bench_barycenter.py{' --full' if args.full else ' --quick' if args.quick else ''}; "
               f"total {time.time() - t0:.0f} s wall). "
               f"Epsilon = {args.reg:g} of each class's cost scale. 'classes run' is the sample of classes "

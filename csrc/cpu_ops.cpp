@@ -212,13 +212,13 @@ struct Workspace {
 };
 
 // One problem to convergence: the loop of POT's sinkhorn_log (update v, then u; after iterations 1, 11,
-// 21, ... the b-marginal violation of (u, v) is compared with tol). The violation comes from the column
+// 21, ..., in general 1 + m check_every, the b-marginal violation of (u, v) is compared with tol). The violation comes from the column
 // sums that the next v update computes anyway, so a check costs nothing extra; a converged check
 // discards that v update. See cpu_kernels_impl.h for the passes.
 // inner_parallel splits the columns and rows of every iteration across threads (one large problem).
 template <typename T>
-void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Workspace<T>& ws, bool inner_parallel,
-           int64_t* n_iter_out, double* err_out) {
+void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, int64_t check_every, Workspace<T>& ws,
+           bool inner_parallel, int64_t* n_iter_out, double* err_out) {
   const auto& kern = kernels<T>();
   const int64_t k = pr.k, n = pr.n;
   const T inv_reg = T(1) / reg;
@@ -268,7 +268,7 @@ void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Wo
   double err = std::numeric_limits<double>::infinity();
   int64_t it = 0;
   for (;; ++it) {
-    const bool check = it == max_iter || (it > 0 && (it - 1) % 10 == 0);
+    const bool check = it == max_iter || (it > 0 && (it - 1) % check_every == 0);
     const double err2 = cols(check);
     if (check) {
       err = std::sqrt(err2);
@@ -287,7 +287,7 @@ void solve(const SinkhornProblem<T>& pr, T reg, int64_t max_iter, double tol, Wo
 
 void check_sinkhorn_args(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double reg,
                          int64_t max_iter, const std::optional<at::Tensor>& f_init,
-                         const std::optional<at::Tensor>& g_init) {
+                         const std::optional<at::Tensor>& g_init, int64_t check_every) {
   TORCH_CHECK(cost.dim() == 3, "wmdd::sinkhorn_log: cost must be [B, k, N], got ", cost.sizes());
   const int64_t bsz = cost.size(0), k = cost.size(1), n = cost.size(2);
   TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble,
@@ -301,6 +301,7 @@ void check_sinkhorn_args(const at::Tensor& cost, const at::Tensor& a, const at::
   TORCH_CHECK(k > 0 && n > 0, "wmdd::sinkhorn_log: k and N must be positive");
   TORCH_CHECK(reg > 0, "wmdd::sinkhorn_log: reg must be > 0, got ", reg);
   TORCH_CHECK(max_iter >= 0, "wmdd::sinkhorn_log: max_iter must be >= 0");
+  TORCH_CHECK(check_every >= 1, "wmdd::sinkhorn_log: check_every must be >= 1, got ", check_every);
   if (f_init.has_value()) {
     TORCH_CHECK(f_init->sizes() == a.sizes() && f_init->scalar_type() == cost.scalar_type() &&
                     f_init->device() == cost.device(),
@@ -315,7 +316,8 @@ void check_sinkhorn_args(const at::Tensor& cost, const at::Tensor& a, const at::
 
 template <typename T>
 void sinkhorn_cpu_typed(const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, T reg, int64_t max_iter,
-                        double tol, const at::Tensor* f_init, const at::Tensor* g_init, at::Tensor& f, at::Tensor& g,
+                        double tol, int64_t check_every, const at::Tensor* f_init, const at::Tensor* g_init,
+                        at::Tensor& f, at::Tensor& g,
                         at::Tensor& n_iter, at::Tensor& err) {
   const int64_t bsz = cost.size(0), k = cost.size(1), n = cost.size(2);
   const T* cp = cost.data_ptr<T>();
@@ -335,7 +337,7 @@ void sinkhorn_cpu_typed(const at::Tensor& cost, const at::Tensor& a, const at::T
   if (bsz < threads && k * n >= (int64_t{1} << 16)) {
     // Fewer problems than threads and large ones: the threads share each problem's rows and columns.
     Workspace<T> ws;
-    for (int64_t p = 0; p < bsz; ++p) solve(problem(p), reg, max_iter, tol, ws, true, ip + p, ep + p);
+    for (int64_t p = 0; p < bsz; ++p) solve(problem(p), reg, max_iter, tol, check_every, ws, true, ip + p, ep + p);
     return;
   }
   // One problem per thread at a time, taken from a shared counter: problems that converge early free
@@ -344,7 +346,8 @@ void sinkhorn_cpu_typed(const at::Tensor& cost, const at::Tensor& a, const at::T
   const int64_t workers = std::max<int64_t>(1, std::min(threads, bsz));
   auto work = [&](int64_t, int64_t) {
     Workspace<T> ws;
-    for (int64_t p = next++; p < bsz; p = next++) solve(problem(p), reg, max_iter, tol, ws, false, ip + p, ep + p);
+    for (int64_t p = next++; p < bsz; p = next++)
+      solve(problem(p), reg, max_iter, tol, check_every, ws, false, ip + p, ep + p);
   };
   if (workers == 1)
     work(0, 1);
@@ -354,8 +357,9 @@ void sinkhorn_cpu_typed(const at::Tensor& cost, const at::Tensor& a, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_ex_cpu(
     const at::Tensor& cost_in, const at::Tensor& a_in, const at::Tensor& b_in, double reg, int64_t max_iter,
-    double tol, const std::optional<at::Tensor>& f_init_in, const std::optional<at::Tensor>& g_init_in) {
-  check_sinkhorn_args(cost_in, a_in, b_in, reg, max_iter, f_init_in, g_init_in);
+    double tol, const std::optional<at::Tensor>& f_init_in, const std::optional<at::Tensor>& g_init_in,
+    int64_t check_every) {
+  check_sinkhorn_args(cost_in, a_in, b_in, reg, max_iter, f_init_in, g_init_in, check_every);
   const at::Tensor cost = cost_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
   at::Tensor f_init, g_init;
   if (f_init_in.has_value()) f_init = f_init_in->contiguous();
@@ -367,9 +371,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_ex_cpu(
   const at::Tensor* fi = f_init.defined() ? &f_init : nullptr;
   const at::Tensor* gi = g_init.defined() ? &g_init : nullptr;
   if (cost.scalar_type() == at::kDouble)
-    sinkhorn_cpu_typed<double>(cost, a, b, reg, max_iter, tol, fi, gi, f, g, n_iter, err);
+    sinkhorn_cpu_typed<double>(cost, a, b, reg, max_iter, tol, check_every, fi, gi, f, g, n_iter, err);
   else
-    sinkhorn_cpu_typed<float>(cost, a, b, static_cast<float>(reg), max_iter, tol, fi, gi, f, g, n_iter, err);
+    sinkhorn_cpu_typed<float>(cost, a, b, static_cast<float>(reg), max_iter, tol, check_every, fi, gi, f, g, n_iter,
+                              err);
   return {f, g, n_iter, err};
 }
 
@@ -377,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& cost, cons
                                                     const at::Tensor& b, double reg, int64_t max_iter, double tol,
                                                     const std::optional<at::Tensor>& f_init,
                                                     const std::optional<at::Tensor>& g_init) {
-  auto out = sinkhorn_log_ex_cpu(cost, a, b, reg, max_iter, tol, f_init, g_init);
+  auto out = sinkhorn_log_ex_cpu(cost, a, b, reg, max_iter, tol, f_init, g_init, 10);
   return {std::get<0>(out), std::get<1>(out)};
 }
 

@@ -222,8 +222,8 @@ __device__ __forceinline__ T lse_value(T m, T s) {
 template <typename T>
 __global__ void sinkhorn_kernel(const T* __restrict__ cost_all, const T* __restrict__ a_all,
                                 const T* __restrict__ b_all, int64_t k, int64_t n, T reg, int64_t max_iter, double tol,
-                                const T* __restrict__ f_init, const T* __restrict__ g_init, T* f_all, T* g_all,
-                                T* lse_all, int64_t* __restrict__ n_iter_out, double* __restrict__ err_out) {
+                                int64_t check_every, const T* __restrict__ f_init, const T* __restrict__ g_init,
+                                T* f_all, T* g_all, T* lse_all, int64_t* __restrict__ n_iter_out, double* __restrict__ err_out) {
   const int64_t p = blockIdx.x;
   const T* cost = cost_all + p * k * n;
   const T* a = a_all + p * k;
@@ -245,7 +245,7 @@ __global__ void sinkhorn_kernel(const T* __restrict__ cost_all, const T* __restr
 
   int64_t it = 0;
   for (;; ++it) {
-    const bool check = it == max_iter || (it > 0 && (it - 1) % 10 == 0);
+    const bool check = it == max_iter || (it > 0 && (it - 1) % check_every == 0);
     // Columns: lse_j = logsumexp_i(u_i - C_ij / reg); on check iterations also the b-marginal violation
     // of the current (u, v), whose column sums are exp(v_j + lse_j).
     double e2 = 0.0;
@@ -299,7 +299,8 @@ __global__ void sinkhorn_kernel(const T* __restrict__ cost_all, const T* __restr
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_ex_cuda(
     const at::Tensor& cost_in, const at::Tensor& a_in, const at::Tensor& b_in, double reg, int64_t max_iter,
-    double tol, const std::optional<at::Tensor>& f_init_in, const std::optional<at::Tensor>& g_init_in) {
+    double tol, const std::optional<at::Tensor>& f_init_in, const std::optional<at::Tensor>& g_init_in,
+    int64_t check_every) {
   TORCH_CHECK(cost_in.dim() == 3, "wmdd::sinkhorn_log: cost must be [B, k, N], got ", cost_in.sizes());
   const int64_t bsz = cost_in.size(0), k = cost_in.size(1), n = cost_in.size(2);
   TORCH_CHECK(cost_in.scalar_type() == at::kFloat || cost_in.scalar_type() == at::kDouble,
@@ -313,6 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_ex_cuda(
   TORCH_CHECK(k > 0 && n > 0, "wmdd::sinkhorn_log: k and N must be positive");
   TORCH_CHECK(reg > 0, "wmdd::sinkhorn_log: reg must be > 0, got ", reg);
   TORCH_CHECK(max_iter >= 0, "wmdd::sinkhorn_log: max_iter must be >= 0");
+  TORCH_CHECK(check_every >= 1, "wmdd::sinkhorn_log: check_every must be >= 1, got ", check_every);
   at::Tensor f_init, g_init;
   if (f_init_in.has_value()) {
     TORCH_CHECK(f_init_in->sizes() == a_in.sizes() && f_init_in->scalar_type() == cost_in.scalar_type() &&
@@ -339,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_ex_cuda(
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "wmdd_sinkhorn_cuda", [&] {
     sinkhorn_kernel<scalar_t><<<static_cast<unsigned>(bsz), threads, 0, stream>>>(
         cost.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), k, n, static_cast<scalar_t>(reg),
-        max_iter, tol, f_init.defined() ? f_init.data_ptr<scalar_t>() : nullptr,
+        max_iter, tol, check_every, f_init.defined() ? f_init.data_ptr<scalar_t>() : nullptr,
         g_init.defined() ? g_init.data_ptr<scalar_t>() : nullptr, f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
         lse.data_ptr<scalar_t>(), n_iter.data_ptr<int64_t>(), err.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -351,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_log_cuda(const at::Tensor& cost, con
                                                      const at::Tensor& b, double reg, int64_t max_iter, double tol,
                                                      const std::optional<at::Tensor>& f_init,
                                                      const std::optional<at::Tensor>& g_init) {
-  auto out = sinkhorn_log_ex_cuda(cost, a, b, reg, max_iter, tol, f_init, g_init);
+  auto out = sinkhorn_log_ex_cuda(cost, a, b, reg, max_iter, tol, f_init, g_init, 10);
   return {std::get<0>(out), std::get<1>(out)};
 }
 

@@ -18,10 +18,11 @@ TORCH_LIBRARY(wmdd, m) {
   m.def(
       "sinkhorn_log(Tensor cost, Tensor a, Tensor b, float reg, int max_iter, float tol, Tensor? f_init=None, "
       "Tensor? g_init=None) -> (Tensor f, Tensor g)");
-  // The same, plus the iterations run and the final b-marginal violation of each problem.
+  // The same, plus the iterations run and the final b-marginal violation of each problem. check_every:
+  // the stopping test runs after iterations 1, 1 + check_every, 1 + 2 check_every, ... (10: POT's).
   m.def(
       "sinkhorn_log_ex(Tensor cost, Tensor a, Tensor b, float reg, int max_iter, float tol, Tensor? f_init=None, "
-      "Tensor? g_init=None) -> (Tensor f, Tensor g, Tensor n_iter, Tensor err)");
+      "Tensor? g_init=None, int check_every=10) -> (Tensor f, Tensor g, Tensor n_iter, Tensor err)");
 }
 
 namespace {

@@ -221,6 +221,32 @@ def test_sinkhorn_warm_start_matches_pot():
 
 
 @needs_ext
+def test_sinkhorn_check_every():
+    """check_every=m tests after iterations 1, 1 + m, ...: the first passing test ends the solve, with
+    the same potentials as that many plain iterations; the reference (POT one iteration per call) agrees."""
+    cost, a, b = make_problems(4, 6, 25, seed=3)
+    _, _, every10 = ops.sinkhorn_log_batched(cost, a, b, 0.1, max_iter=1000, tol=1e-6, impl="ext", return_info=True)
+    f, g, every1 = ops.sinkhorn_log_batched(cost, a, b, 0.1, max_iter=1000, tol=1e-6, impl="ext", return_info=True,
+                                            check_every=1)
+    assert (every1["err"] < 1e-6).all() and (every1["n_iter"] <= every10["n_iter"]).all()
+    assert (every1["n_iter"] < every10["n_iter"]).any()
+    for p in range(len(cost)):
+        n = int(every1["n_iter"][p])
+        f_ref, g_ref, _, _ = pot_oracle(cost[p:p + 1], a[p:p + 1], b[p:p + 1], 0.1, n, 0.0)
+        assert_potentials_close(f[p:p + 1], g[p:p + 1], f_ref, g_ref, rtol=1e-10, atol=1e-11)
+        if n > 1:  # the test after iteration n - 1 did not pass
+            _, _, before = ops.sinkhorn_log_batched(cost[p:p + 1], a[p:p + 1], b[p:p + 1], 0.1, max_iter=n - 1,
+                                                    tol=0.0, impl="ext", return_info=True)
+            assert float(before["err"][0]) >= 1e-6
+    f_r, g_r, ref = ops.sinkhorn_log_batched(cost, a, b, 0.1, max_iter=1000, tol=1e-6, impl="ref", return_info=True,
+                                             check_every=1)
+    assert torch.equal(ref["n_iter"], every1["n_iter"])
+    assert_potentials_close(f, g, f_r.double(), g_r.double(), rtol=1e-9, atol=1e-10)
+    with pytest.raises(RuntimeError, match="check_every"):
+        ops.sinkhorn_log_batched(cost, a, b, 0.1, impl="ext", check_every=0)
+
+
+@needs_ext
 @pytest.mark.parametrize("reg", [0.002, 20.0])
 def test_sinkhorn_extreme_reg_matches_pot(reg):
     """Tiny reg: C / reg beyond exp's range and large moves between iterations (the one-pass shifted
