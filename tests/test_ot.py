@@ -117,15 +117,19 @@ def test_sinkhorn_uniform_finishing_steps(finish):
     assert_close_to_exact(res, exact)
 
 
+@pytest.mark.parametrize("anneal", [False, True])
 @pytest.mark.parametrize("k", [3, 5])
-def test_learned_weights_reach_kmeans_objective(k):
+def test_learned_weights_reach_kmeans_objective(k, anneal):
     """Free weights + one input measure = k-means. From the same k-means++ start, scikit-learn's KMeans
     (Lloyd to convergence) reaches a local optimum; the learned-weights barycenter reaches it within 1%
     (annealing usually finds a lower one). Its W2^2 is the k-means objective of its atoms, and its
-    weights are the atoms' Voronoi masses."""
+    weights are the atoms' Voronoi masses. Default (anneal=False): Lloyd straight from the init;
+    anneal=True: the entropic alternation first, then Lloyd."""
     from sklearn.cluster import KMeans
 
-    res = wot.free_support_barycenter_batched(CLOUDS, k, solver="sinkhorn", weights="learned", seed=0)
+    res = wot.free_support_barycenter_batched(CLOUDS, k, solver="sinkhorn", weights="learned", seed=0,
+                                              anneal=anneal)
+    assert res.info["anneal"] == anneal
     y, _, counts = wot.pad_classes(CLOUDS)
     init = wot.kmeanspp_init(y, counts, k, [wot.class_seed(0, c) for c in range(len(CLOUDS))])
     for c, cloud in enumerate(CLOUDS):
@@ -140,10 +144,11 @@ def test_learned_weights_reach_kmeans_objective(k):
 
 def test_learned_weights_entropic_alternation_alone():
     """Without the exact Lloyd finish: the entropic (soft k-means) solution, blurred by epsilon = 1e-2
-    of the cost scale, is within 10% of the finished one; weights moved away from uniform."""
+    of the cost scale, is within 10% of the same alternation finished by Lloyd (anneal=True); weights
+    moved away from uniform."""
     k = 4
     soft = wot.free_support_barycenter_batched(CLOUDS, k, solver="sinkhorn", weights="learned", finish="none")
-    hard = wot.free_support_barycenter_batched(CLOUDS, k, solver="sinkhorn", weights="learned")
+    hard = wot.free_support_barycenter_batched(CLOUDS, k, solver="sinkhorn", weights="learned", anneal=True)
     assert torch.all(soft.w2 <= hard.w2 * 1.10) and torch.all(hard.w2 <= soft.w2 * (1 + 1e-9))
     assert not torch.allclose(soft.weights, torch.full_like(soft.weights, 1 / k)), "weights moved"
 

@@ -20,7 +20,18 @@ Solvers (`solver=`):
   10 outer steps; 100 mirror-descent steps on the max-normalised cost with EMD dual potentials,
   step 10, weights restarted from uniform each outer step; then a full exact location solve, damped
   by theta = 0.2). One class at a time on the CPU; it is the oracle in the tests.
-- ``"sinkhorn"``: Cuturi & Doucet (2014) alternation with entropic plans, all classes batched.
+- ``"sinkhorn"``, learned weights (default path, `anneal=None`, `md_steps=0`, `finish="lloyd"`): the
+  *exact* alternation, straight from the k-means++ init: Lloyd steps (`_lloyd_finish`): exact weight
+  step (each atom gets its Voronoi cell's mass: the optimal plan for fixed atoms and free weights),
+  exact location step (cell means = the barycentric projection), until the assignment is stable.
+  Why no entropic phase first: it costs 2-3x the time for a W2^2 only 0.5-3% lower (bench/RESULTS.md,
+  "Barycenter"); both are several % below the released learned loop's. `anneal=True` runs the entropic
+  alternation below first (the Lloyd finish then needs only a few steps). Lloyd runs a few classes at a
+  time (~4 MB of features, kept in cache across steps), one k x N x d product per step (argmin of
+  ||x||^2 - 2 x.y: ||y||^2 does not change the nearest atom) and the cells' sums updated with the
+  points that changed cell only.
+- ``"sinkhorn"`` (uniform weights, learned weights with `anneal=True` or `md_steps > 0`): Cuturi &
+  Doucet (2014) alternation with entropic plans, all classes batched.
   Per outer iteration t, for every class still running:
   (a) the plan. Log-domain Sinkhorn through ``ops.sinkhorn_log_batched`` (the compiled kernel when
       built), on the *normalised* cost: coordinates are divided per class by sqrt(s), s = mean squared
@@ -47,7 +58,7 @@ Solvers (`solver=`):
   at k = 10-50, N = 500-1300, of which 3 are the epsilon scaling).
   Finish (`finish=`): the entropic plan is blurred by epsilon. Learned weights end with exact Lloyd
   steps ("lloyd", the default for them: Voronoi masses as weights, cell means as points, the
-  epsilon -> 0 limit of the same alternation) until the assignment is stable. Uniform weights end as
+  epsilon -> 0 limit of the same alternation; see above) until the assignment is stable. Uniform weights end as
   they are ("none", default); "emd" adds one exact EMD location update (lowers W2^2 a little, costs
   one network simplex per class), "laguerre" one update with the hard cells of the final potentials.
   Quality and speed against POT are in bench/RESULTS.md ("Barycenter").
@@ -389,27 +400,60 @@ def _sinkhorn_barycenter(y, b, counts, x, w, *, learned: bool, reg: float, iters
     return x, w, f, done_at, inner_total
 
 
-def _lloyd_finish(y, counts, x, max_steps: int = 50):
-    """Exact k-means steps (the epsilon -> 0 limit of the learned-weights alternation) per class:
-    weights = Voronoi masses, points = cell means; empty cells keep their point. Returns x, w."""
-    num_classes, n_max, _ = y.shape
+LLOYD_CHUNK_BYTES = 4 << 20  # Lloyd runs on ~4 MB of features at a time: they stay in cache across its
+                             # steps (k = 10 is bound by memory traffic otherwise: 1.7x slower batched)
+
+
+def _lloyd_finish(y, counts, x, max_steps: int = 300):
+    """Exact k-means (Lloyd) steps per class: each point to its nearest atom, each atom to its cell's mean
+    (an empty cell keeps its atom), until the assignment is stable; weights = the cells' masses.
+    Returns x, w, steps [C] (Lloyd steps per class). Classes run in chunks of about LLOYD_CHUNK_BYTES
+    of features (`_lloyd_chunk`)."""
+    per_class = y.shape[1] * y.shape[2] * y.element_size()
+    step = max(1, LLOYD_CHUNK_BYTES // per_class)
+    out = [_lloyd_chunk(y[s:s + step], counts[s:s + step], x[s:s + step], max_steps)
+           for s in range(0, len(y), step)]
+    return tuple(torch.cat([o[i] for o in out]) for i in range(3))
+
+
+def _lloyd_chunk(y, counts, x, max_steps: int):
+    """Lloyd on a few classes batched. Per step one k x N x d product (||y||^2 is the same for every
+    atom of a point, so the nearest atom needs only ||x||^2 - 2 x.y); the cells' sums are updated with
+    the points that changed cell only. A class is done when its assignment repeats (its atoms are then
+    the means of its cells); it stays in the (small) batch until all are done, unchanged."""
+    num_classes, n_max, d = y.shape
     k = x.shape[1]
-    valid = torch.arange(n_max).unsqueeze(0) < counts.unsqueeze(1)
-    assign_old = None
-    for _ in range(max_steps):
-        d = sqdist(x, y)                                                  # [C, k, N]
-        assign = d.argmin(1)                                              # [C, N]
-        onehot = torch.nn.functional.one_hot(assign, k).to(y.dtype) * valid.unsqueeze(-1)  # [C, N, k]
-        size = onehot.sum(1)                                              # [C, k]
-        means = onehot.transpose(1, 2) @ y / size.clamp_min(1).unsqueeze(-1)
-        x = torch.where((size > 0).unsqueeze(-1), means, x)
-        if assign_old is not None and torch.equal(assign, assign_old):
-            break
-        assign_old = assign
-    d = sqdist(x, y)
-    onehot = torch.nn.functional.one_hot(d.argmin(1), k).to(torch.float64) * valid.unsqueeze(-1)
-    w = onehot.sum(1) / counts.unsqueeze(1).double()
-    return x, w.to(y.dtype)
+    x, w = x.clone(), torch.zeros(num_classes, k, dtype=torch.float64)
+    steps = torch.full((num_classes,), max_steps, dtype=torch.long)
+    valid = torch.arange(n_max).unsqueeze(0) < counts.unsqueeze(1)               # [C, N]
+    offset = k * torch.arange(num_classes).unsqueeze(1)
+    done = torch.zeros(num_classes, dtype=torch.bool)
+    assign_old = sums = None
+    for step in range(max_steps):
+        xx = (x * x).sum(-1, keepdim=True)
+        assign = torch.baddbmm(xx, x, y.transpose(1, 2), alpha=-2.0).min(1).indices  # [C, N]
+        # each point's cell among the C * k cells of the chunk; padding goes to one spare cell at the end
+        cell = torch.where(valid, assign + offset, num_classes * k)
+        size = torch.bincount(cell.view(-1), minlength=num_classes * k + 1)[:-1].view(-1, k)
+        if sums is None:
+            sums = torch.zeros(num_classes * k + 1, d, dtype=y.dtype).index_add_(0, cell.view(-1), y.reshape(-1, d))
+        else:
+            new = (assign == assign_old).all(1) & ~done
+            if step == max_steps - 1:
+                new = ~done
+            w[new] = size[new].double() / counts[new].unsqueeze(1).double()
+            steps[new] = step
+            done |= new
+            if done.all():
+                break
+            moved = (assign != assign_old) & valid
+            c, j = moved.nonzero(as_tuple=True)
+            yc = y[c, j]
+            sums.index_add_(0, cell[c, j], yc).index_add_(0, cell_old[c, j], yc, alpha=-1)
+        means = sums[:-1].view(-1, k, d) / size.clamp_min(1).unsqueeze(-1).to(y.dtype)
+        x = torch.where((size > 0).unsqueeze(-1) & ~done.view(-1, 1, 1), means, x)
+        assign_old, cell_old = assign, cell
+    return x, w.to(y.dtype), steps
 
 
 def _laguerre_finish(y, counts, x, f):
@@ -459,16 +503,21 @@ def free_support_barycenter_batched(features: Sequence[torch.Tensor], k: int, *,
                                     inner_iters: int = DEFAULT_INNER_ITERS,
                                     sinkhorn_tol: float = DEFAULT_SINKHORN_TOL, tol: float | None = None,
                                     md_step: float = DEFAULT_MD_STEP, md_steps: int = 0, relax: float = DEFAULT_RELAX, finish: str = "auto",
-                                    dtype=torch.float32, impl: str | None = None,
+                                    anneal: bool | None = None, dtype=torch.float32, impl: str | None = None,
                                     compute_objective: bool = True, progress=None) -> Barycenter:
     """Barycenters of many classes at once (ragged sizes). features: list of [n_c, d] tensors.
 
     Returns a Barycenter with points [C, k, d], weights [C, k] (>= 0, sum 1), w2 [C] (exact W2^2,
-    NaN when compute_objective=False) and iters [C] (outer iterations used). Each class's result is
+    NaN when compute_objective=False) and iters [C] (outer iterations used; Lloyd steps when the
+    entropic phase is skipped). Each class's result is
     the same as solving it alone with seed seeds[c] (default class_seed(seed, c)).
     `finish` (sinkhorn): the epsilon -> 0 step that ends the alternation: "laguerre" (one location
     update with the hard cells of the final dual potentials), "lloyd" (learned default: exact k-means
-    steps to convergence), "emd" (one exact EMD location update), "none" (uniform default)."""
+    steps to convergence), "emd" (one exact EMD location update), "none" (uniform default).
+    `anneal` (sinkhorn): run the entropic alternation (epsilon scaling) before the finish. Default: yes,
+    except for learned weights with the exact weight step (md_steps=0) and the Lloyd finish, which go
+    straight to Lloyd from the k-means++ init (see the module docstring); anneal=True there runs the
+    entropic phase first (a slightly lower W2^2, 2-3x the time)."""
     features = [torch.as_tensor(f).detach().cpu() for f in features]
     _check_inputs(features, k, solver, weights)
     if finish not in FINISHES:
@@ -509,22 +558,33 @@ def free_support_barycenter_batched(features: Sequence[torch.Tensor], k: int, *,
             its.append(it)
         x, w, done_at = torch.stack(xs), torch.stack(ws), torch.tensor(its)
     else:
-        x, w, f, done_at, inner_total = _sinkhorn_barycenter(
-            y, b, counts, x0, w0, learned=learned, reg=reg,
-            iters=iters or DEFAULT_SINKHORN_ITERS, eps0=max(eps0, reg), eps_decay=eps_decay,
-            inner_iters=inner_iters, sinkhorn_tol=sinkhorn_tol,
-            tol=tol if tol is not None else DEFAULT_TOL_LEARNED if learned else DEFAULT_TOL, md_step=md_step,
-            md_steps=md_steps, relax=relax, impl=impl, progress=progress)
         if finish == "auto":
             finish = "lloyd" if learned else "none"
+        lloyd_only = learned and md_steps == 0 and finish == "lloyd"  # k-means: Lloyd is the exact alternation
+        anneal = not lloyd_only if anneal is None else anneal
+        if not anneal and not lloyd_only:
+            raise ValueError("anneal=False needs weights='learned', md_steps=0 and the 'lloyd' finish")
+        inner_total = 0
+        if anneal:
+            x, w, f, done_at, inner_total = _sinkhorn_barycenter(
+                y, b, counts, x0, w0, learned=learned, reg=reg,
+                iters=iters or DEFAULT_SINKHORN_ITERS, eps0=max(eps0, reg), eps_decay=eps_decay,
+                inner_iters=inner_iters, sinkhorn_tol=sinkhorn_tol,
+                tol=tol if tol is not None else DEFAULT_TOL_LEARNED if learned else DEFAULT_TOL, md_step=md_step,
+                md_steps=md_steps, relax=relax, impl=impl, progress=progress)
+        else:
+            x = x0
         if finish == "laguerre":
             x = _laguerre_finish(y, counts, x, f)
         elif finish == "lloyd":
-            x, w = _lloyd_finish(y, counts, x)  # scale-free: same cells and weights in either unit
+            x, w, lloyd_steps = _lloyd_finish(y, counts, x)  # scale-free: same cells and weights in either unit
+            info["lloyd_steps"] = lloyd_steps
+            if not anneal:
+                done_at = lloyd_steps
         x = x * root
         if finish == "emd":
             x = _emd_finish([centred(c) for c in range(num_classes)], x, w, 1)
-        info.update(sinkhorn_iters=inner_total, reg=reg, eps0=max(eps0, reg), eps_decay=eps_decay,
+        info.update(anneal=anneal, sinkhorn_iters=inner_total, reg=reg, eps0=max(eps0, reg), eps_decay=eps_decay,
                     impl=ops.resolve_impl(impl), finish=finish)
 
     points = (x.double() + means.unsqueeze(1)).float()
