@@ -24,7 +24,7 @@ Solvers (`solver=`):
   *exact* alternation, straight from the k-means++ init: Lloyd steps (`_lloyd_finish`): exact weight
   step (each atom gets its Voronoi cell's mass: the optimal plan for fixed atoms and free weights),
   exact location step (cell means = the barycentric projection), until the assignment is stable.
-  Why no entropic phase first: it costs 2-3x the time for a W2^2 only 0.5-3% lower (bench/RESULTS.md,
+  Why no entropic phase first: it costs 1.5-2.5x the time for a W2^2 only 0.6-3% lower (bench/RESULTS.md,
   "Barycenter"); both are several % below the released learned loop's. `anneal=True` runs the entropic
   alternation below first (the Lloyd finish then needs only a few steps). Lloyd runs a few classes at a
   time (~4 MB of features, kept in cache across steps), one k x N x d product per step (argmin of
