@@ -21,9 +21,14 @@ What it does (DESIGN §1 step 2):
                         once, epsilon (--reg) relative to each class's cost scale, epsilon scaling and
                         warm-started duals; the Sinkhorn kernel is the compiled one when built (--impl).
      --weights uniform  every atom carries 1/k of the mass (released; the paper's runs). Default.
-     --weights learned  the weights are optimised too (Algorithm 2: mirror descent with the Sinkhorn
-                        dual potential; with one input measure this is k-means). With --solver exact
-                        it runs the released learned-weights loop (10 x 100 EMD mirror-descent steps).
+     --weights learned  the weights are optimised too. With one input measure the optimum is a k-means
+                        solution (each atom's weight = its cell's mass). With --solver exact it runs the
+                        released learned-weights loop (10 x 100 EMD mirror-descent steps). With --solver
+                        sinkhorn, --learned-step picks how: lloyd (default: exact Lloyd steps from the
+                        k-means++ init), anneal (the entropic alternation with the closed-form weight step,
+                        epsilon scaling, then Lloyd: a lower W2^2 for 1.5-2.5x the time), or mirror
+                        (Algorithm 2 of Cuturi & Doucet: a mirror-descent step on the weights with the
+                        Sinkhorn dual potential as subgradient). bench/RESULTS.md, "Barycenter", compares them.
    Initialisation: k-means++ on the class's own features, seeded per class from --seed.
 4. Writes `<out>/barycenters.pt`: points [C, k, d] float32, weights [C, k] float32, w2 [C] float64,
    iters [C], meta (teacher and features sha256, solver settings, kernels, wall time).
@@ -70,7 +75,10 @@ from wmdd import artifacts, cli, data, dist, models, ops
 from wmdd import ot as wot
 
 # The settings a result depends on (a shard is reused only when all of them match).
-RESULT_KEYS = ("ipc", "solver", "weights", "reg", "iters", "seed")
+RESULT_KEYS = ("ipc", "solver", "weights", "learned_step", "reg", "iters", "seed")
+# --learned-step -> wmdd.ot arguments (sinkhorn solver, learned weights)
+LEARNED_STEPS = {"lloyd": dict(anneal=None, md_steps=0), "anneal": dict(anneal=True, md_steps=0),
+                 "mirror": dict(anneal=None, md_steps=1)}
 # How long a rank that is done waits for the others (gathering results, errors, the final barrier):
 # the process group's default (10-30 min) is too short when ranks finish far apart.
 
@@ -85,6 +93,9 @@ def get_args_parser():
                    help="exact: POT EMD (released); sinkhorn: batched entropic alternation")
     g.add_argument("--weights", default=None, choices=wot.WEIGHTS,
                    help="uniform atom weights (released) or learned (k-means-like)")
+    g.add_argument("--learned-step", default="lloyd", choices=sorted(LEARNED_STEPS),
+                   help="--solver sinkhorn --weights learned: lloyd (exact k-means steps), anneal (entropic "
+                        "alternation, then Lloyd) or mirror (Algorithm 2's mirror descent)")
     g.add_argument("--reg", type=float, default=wot.DEFAULT_REG,
                    help="sinkhorn: target epsilon, relative to each class's cost scale")
     g.add_argument("--iters", type=int, default=None,
@@ -231,6 +242,8 @@ def check_ipc(ipc: int, counts: list, classes) -> None:
 def solve(args, class_features: list, first_class: int, bar=None) -> wot.Barycenter:
     """Barycenters of consecutive classes first_class, first_class + 1, ... (batched for sinkhorn)."""
     common = dict(solver=args.solver, weights=args.weights, reg=args.reg, iters=args.iters, impl=args.impl)
+    if args.solver == "sinkhorn" and args.weights == "learned":
+        common.update(LEARNED_STEPS[args.learned_step])
     step = args.class_batch if args.solver == "sinkhorn" else 1
     parts = []
     for s in range(0, len(class_features), step):

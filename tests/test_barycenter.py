@@ -91,10 +91,13 @@ def test_digits_sinkhorn_and_learned(digits_teacher):
     sink = artifacts.load(paths.barycenters)
     assert sink["meta"]["args"]["solver"] == "sinkhorn"
     assert float(sink["w2"].sum()) <= 1.01 * float(exact["w2"].sum())
-    run(["--dataset", "digits", "--ipc", 5, "--out", out, "--solver", "sinkhorn", "--weights", "learned"])
-    learned = artifacts.load(paths.barycenters)
-    assert torch.all(learned["weights"] >= 0) and torch.allclose(learned["weights"].sum(1), torch.ones(10))
-    assert float(learned["w2"].sum()) <= float(sink["w2"].sum())  # free weights: lower objective
+    for step in ("lloyd", "anneal", "mirror"):
+        run(["--dataset", "digits", "--ipc", 5, "--out", out, "--solver", "sinkhorn", "--weights", "learned",
+             "--learned-step", step])
+        learned = artifacts.load(paths.barycenters)
+        assert learned["meta"]["args"]["learned_step"] == step  # a new setting: not the previous file reused
+        assert torch.all(learned["weights"] >= 0) and torch.allclose(learned["weights"].sum(1), torch.ones(10))
+        assert float(learned["w2"].sum()) <= float(sink["w2"].sum())  # free weights: lower objective
 
 
 def test_shards_merge_into_the_full_result(digits_teacher, capsys):
