@@ -115,6 +115,11 @@ def test_rank_codec_stored_equals_online(labelled, tmp_path):
             got = stored.targets(item, item["x"])
             assert got.shape == (item["x"].shape[0], 10)
             assert torch.equal(got, online.targets(item, item["x"]))
+            # one torchrun rank's part of the batch (evaluate under DDP): the same rows of the same targets
+            rows = range(7, item["x"].shape[0] - 3)
+            part = item["x"][rows.start:rows.stop]
+            assert torch.equal(stored.targets(item, part, rows), got[rows.start:rows.stop])
+            assert torch.equal(online.targets(item, part, rows), got[rows.start:rows.stop])
     entry = softlabels.read_epoch(paths.labels, 0, settings)["entry"]
     assert entry["code"].shape == (100, 3) and entry["shared_basis"].shape == (3, 10)
 
