@@ -185,7 +185,7 @@ def load_or_extract_features(args, info, device, teacher_path, paths, check_labe
     """features.pt when it matches this teacher / dataset, else a fresh extraction (then cached).
     check_labels(labels) runs on the dataset's labels before any image is read. With several ranks each
     extracts a block of batches, every rank gets all features, rank 0 writes the cache."""
-    log = print if world.is_main else (lambda *a, **k: None)
+    log = world.print
     if not os.path.isfile(teacher_path):
         artifacts.load(teacher_path)  # the "does not exist: run squeeze.py first" message
     teacher_sha = artifacts.sha256_file(teacher_path)
@@ -336,7 +336,7 @@ def main(args):
 
 
 def run(args, info, world, device, t0):
-    log = print if world.is_main else (lambda *a, **k: None)
+    log = world.print
     data.preset_defaults(args, "barycenter")
     args.out = cli.default_out(args)
     cli.seed_everything(args.seed)

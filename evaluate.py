@@ -382,7 +382,7 @@ def main(args):
 
 
 def run(args, info, world, device, t0):
-    log = print if world.is_main else (lambda *a, **k: None)
+    log = world.print
     args.out = cli.default_out(args)
     args.student = args.student or info.arch
     cli.seed_everything(args.seed)
@@ -457,10 +457,10 @@ def run(args, info, world, device, t0):
                 "teacher_sha256": artifacts.sha256_file(teacher_path) if teacher is not None else None,
                 "random_subset": real.indices if args.baseline == "random" else None}
     # rank 0 decides which students are finished; every rank trains the same remaining ones
+    fingerprints = {(key, s): student_fingerprint(args, key, s, upstream) for key, *_ in configs for s in seeds}
     finished = None
     if world.is_main:
-        finished = {(key, s): finished_student(student_path(paths, key, s), student_fingerprint(args, key, s, upstream))
-                    for key, *_ in configs for s in seeds}
+        finished = {(key, s): finished_student(student_path(paths, key, s), fp) for (key, s), fp in fingerprints.items()}
         kept = sum(r is not None for r in finished.values())
         if kept:
             print(f"[evaluate] resuming: {kept} of {len(finished)} students already finished in {paths.students}")
@@ -477,7 +477,7 @@ def run(args, info, world, device, t0):
                 if world.is_main:
                     os.makedirs(paths.students, exist_ok=True)
                     _atomic_write(student_path(paths, key, s), json.dumps(
-                        {"fingerprint": student_fingerprint(args, key, s, upstream), "record": rec}, indent=1))
+                        {"fingerprint": fingerprints[(key, s)], "record": rec}, indent=1))
             per_seed.append(rec)
             log(f"[evaluate] {key} seed {s}: top-1 {rec['top1']:.2f} top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)")
         runs.append({"key": key, "images": images_desc, "label_desc": label_desc, "per_seed": per_seed,

@@ -681,7 +681,7 @@ def main(args):
 
 
 def run(args, info, world, device, t0):
-    log = print if world.is_main else (lambda *a, **k: None)
+    log = world.print
     resolve_args(args, info, device)
     args.out = cli.default_out(args)
     cli.seed_everything(args.seed)

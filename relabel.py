@@ -29,6 +29,7 @@ by hand across separate jobs that fill one directory.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -127,7 +128,7 @@ def main(args):
 
 
 def run(args, info, world, device, t0):
-    log = print if world.is_main else (lambda *a, **k: None)
+    log = world.print
     subsets.default_batch_size(args)
     data.preset_defaults(args, "relabel")
     args.out = cli.default_out(args)
@@ -179,8 +180,8 @@ def run(args, info, world, device, t0):
         error = e
     dist.settle(error, world, group)
     stored = sum(dist.gather_objects(stored, world, group))
-    if world.is_main:
-        missing = epochs_to_do(paths.labels, epochs, settings)
+    if world.is_main:  # epochs stored before this run were checked above; this run's were written atomically
+        missing = [e for e in epochs if not os.path.isfile(softlabels.epoch_path(paths.labels, e))]
         if missing:
             cli.fail(f"epochs {missing[:10]}{' ...' if len(missing) > 10 else ''} of {epochs.start}:{epochs.stop} "
                      f"are not stored in {paths.labels} after every rank finished (a file was removed or "

@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import barycenter
 from conftest import copy_run, run_stage
-from tests.test_recover_dist import REPO
-from tests.test_recover_dist import _CreatesAFile, launch, one_thread, write_teacher
+from tests.test_recover_dist import _CreatesAFile, kill_when, launch, one_thread, write_teacher
 from wmdd import artifacts, cli
 
 # sinkhorn in blocks of 3 classes (4 blocks: 0:3 3:6 6:9 9:10), features in batches of 200 (8 batches)
@@ -74,20 +69,7 @@ def test_sigkill_mid_solve_then_rerun_resumes_and_equals_the_uninterrupted_run(r
     whole, out = copy_run(base, tmp_path / "whole"), copy_run(base, tmp_path / "killed")
     with one_thread():
         run_stage(barycenter, LEARNED + ["--out", whole])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "barycenter.py"), *map(str, LEARNED),
-                                 "--out", out], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 300
-            while not shard_files(out):
-                assert proc.poll() is None, f"ended before its first shard: {open(tmp_path / 'log.txt').read()}"
-                assert time.time() < deadline, "no shard after 300 s"
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when("barycenter.py", LEARNED + ["--out", out], lambda: shard_files(out), tmp_path / "log.txt")
     done = shard_files(out)
     paths = artifacts.run_paths(out)
     assert 1 <= len(done) < 10 and not os.path.exists(paths.barycenters), "killed too late to test resuming"

@@ -12,10 +12,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -23,7 +19,7 @@ import torch
 import evaluate
 import relabel
 from conftest import copy_run, run_stage
-from test_recover_dist import REPO, launch, one_thread
+from test_recover_dist import kill_when, launch, one_thread
 from test_relabel import make_synthetic
 from wmdd import artifacts, softlabels
 
@@ -61,24 +57,6 @@ def assert_same_labels(labels_dir, reference_dir, epochs: int = 24) -> None:
     assert softlabels.read_manifest(labels_dir)["settings"] == softlabels.read_manifest(reference_dir)["settings"]
 
 
-def kill_when(cmd, ready, log_path, timeout: float = 300) -> subprocess.Popen:
-    """Start `cmd`, SIGKILL it as soon as ready() holds (checked every 20 ms)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + timeout
-            while not ready():
-                assert proc.poll() is None, f"ended before it was killed: {open(log_path).read()[-3000:]}"
-                assert time.time() < deadline, f"not ready after {timeout} s"
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return proc
-
-
 # ---------------------------------------------------------------------------------------------
 # relabel
 
@@ -96,8 +74,7 @@ def test_relabel_sigkill_then_rerun_keeps_finished_epochs_and_equals_uninterrupt
                                                                                   tmp_path, capsys):
     out = copy_run(syn_run, tmp_path / "killed")
     labels_dir = artifacts.run_paths(out).labels
-    kill_when([sys.executable, os.path.join(REPO, "relabel.py"), *map(str, RELABEL), "--out", out],
-              lambda: len(epoch_files(labels_dir)) >= 2, tmp_path / "log.txt")
+    kill_when("relabel.py", RELABEL + ["--out", out], lambda: len(epoch_files(labels_dir)) >= 2, tmp_path / "log.txt")
     done = epoch_files(labels_dir)
     assert 2 <= len(done) < 24, "killed too late to test resuming"
     mtimes = {p: os.stat(p).st_mtime_ns for p in done}
@@ -169,8 +146,8 @@ def test_evaluate_sigkill_then_rerun_keeps_finished_students(labelled, tmp_path,
         ref = run_stage(evaluate, argv + ["--out", ref_dir])
     out = copy_run(labelled, tmp_path / "killed")
     students = artifacts.run_paths(out).students
-    kill_when([sys.executable, os.path.join(REPO, "evaluate.py"), *map(str, argv), "--out", out],
-              lambda: len(glob.glob(os.path.join(students, "*.json"))) >= 1, tmp_path / "log.txt")
+    kill_when("evaluate.py", argv + ["--out", out], lambda: len(glob.glob(os.path.join(students, "*.json"))) >= 1,
+              tmp_path / "log.txt")
     done = sorted(glob.glob(os.path.join(students, "*.json")))
     assert 1 <= len(done) < 6 and not os.path.exists(artifacts.run_paths(out).results_json)
     mtimes = {p: os.stat(p).st_mtime_ns for p in done}

@@ -94,6 +94,24 @@ def launch(script: str, argv: list, nproc: int = 2, timeout: int = 300, ok: bool
     return proc
 
 
+def kill_when(script: str, argv: list, ready, log_path, timeout: float = 300) -> None:
+    """Run `python <script> argv` (one thread) and SIGKILL it as soon as ready() holds (checked every 20 ms)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, argv)], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout
+            while not ready():
+                assert proc.poll() is None, f"ended before it was killed: {open(log_path).read()[-3000:]}"
+                assert time.time() < deadline, f"not ready after {timeout} s"
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def shard_files(out) -> list:
     return sorted(glob.glob(os.path.join(artifacts.run_paths(out).shards, "recover_*.pt")))
 
@@ -147,20 +165,7 @@ def test_a_rank_that_fails_stops_every_rank_and_keeps_the_others_shards(base, tm
 def test_sigkill_mid_run_then_rerun_resumes_and_equals_the_uninterrupted_run(base, reference, tmp_path, capsys):
     out = copy_run(base, tmp_path / "killed")
     paths = artifacts.run_paths(out)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "recover.py"), *map(str, COMMON), "--out", out],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 300
-            while not shard_files(out):
-                assert proc.poll() is None, f"ended before its first shard: {open(tmp_path / 'log.txt').read()}"
-                assert time.time() < deadline, "no shard after 300 s"
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when("recover.py", COMMON + ["--out", out], lambda: shard_files(out), tmp_path / "log.txt")
     done = shard_files(out)
     assert 1 <= len(done) < GROUPS and not os.path.exists(paths.synthetic), "killed too late to test resuming"
     mtimes = {p: os.stat(p).st_mtime_ns for p in done}

@@ -35,6 +35,11 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def print(self, *args, **kwargs) -> None:
+        """print() on rank 0 only: one copy of every message however many ranks run."""
+        if self.is_main:
+            print(*args, **kwargs)
+
 
 def setup(device: torch.device) -> tuple:
     """Join the torchrun process group if there is one. Returns (world, this rank's device)."""

@@ -428,7 +428,7 @@ def _lloyd_chunk(y, counts, x, max_steps: int):
     valid = torch.arange(n_max).unsqueeze(0) < counts.unsqueeze(1)               # [C, N]
     offset = k * torch.arange(num_classes).unsqueeze(1)
     done = torch.zeros(num_classes, dtype=torch.bool)
-    assign_old = sums = None
+    assign_old = cell_old = sums = None
     for step in range(max_steps):
         xx = (x * x).sum(-1, keepdim=True)
         assign = torch.baddbmm(xx, x, y.transpose(1, 2), alpha=-2.0).min(1).indices  # [C, N]

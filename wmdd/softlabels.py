@@ -218,7 +218,8 @@ def epoch_is_current(labels_dir: str, epoch: int, settings: dict) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: only the meta is read, not the epoch's logits (a rerun checks every stored epoch)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return obj["meta"]["settings_key"] == settings_key(settings)
     except Exception:
         return False
