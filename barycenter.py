@@ -29,7 +29,10 @@ What it does (DESIGN §1 step 2):
                         epsilon scaling, then Lloyd: a lower W2^2 for 1.5-2.5x the time), or mirror
                         (Algorithm 2 of Cuturi & Doucet: a mirror-descent step on the weights with the
                         Sinkhorn dual potential as subgradient). bench/RESULTS.md, "Barycenter", compares them.
-   Initialisation: k-means++ on the class's own features, seeded per class from --seed.
+   Initialisation (--init): k-means++ on the class's own features, seeded per class from --seed (default),
+   or `randn`, the released start (recover/barycenter.py): np.random.randn(k, d) standard normal atoms,
+   unscaled and uncentred, drawn from numpy's RandomState seeded per class from --seed (the release
+   drew them from the unseeded global generator). Part of the result key; recorded in meta.
 4. Writes `<out>/barycenters.pt`: points [C, k, d] float32, weights [C, k] float32, w2 [C] float64,
    iters [C], meta (teacher and features sha256, solver settings, kernels, wall time).
 
@@ -75,7 +78,7 @@ from wmdd import artifacts, cli, data, dist, models, ops
 from wmdd import ot as wot
 
 # The settings a result depends on (a shard is reused only when all of them match).
-RESULT_KEYS = ("ipc", "solver", "weights", "learned_step", "reg", "iters", "seed")
+RESULT_KEYS = ("ipc", "solver", "weights", "learned_step", "reg", "iters", "seed", "barycenter_init")
 # --learned-step -> wmdd.ot arguments (sinkhorn solver, learned weights)
 LEARNED_STEPS = {"lloyd": dict(anneal=None, md_steps=0), "anneal": dict(anneal=True, md_steps=0),
                  "mirror": dict(anneal=None, md_steps=1)}
@@ -96,6 +99,9 @@ def get_args_parser():
     g.add_argument("--learned-step", default="lloyd", choices=sorted(LEARNED_STEPS),
                    help="--solver sinkhorn --weights learned: lloyd (exact k-means steps), anneal (entropic "
                         "alternation, then Lloyd) or mirror (Algorithm 2's mirror descent)")
+    g.add_argument("--init", dest="barycenter_init", default=None, choices=["kmeans++", "randn"],
+                   help="start of the atoms: k-means++ on the class's features (--protocol wmdd), or "
+                        "np.random.randn(k, d) from a per-class seed (--protocol released)")
     g.add_argument("--reg", type=float, default=wot.DEFAULT_REG,
                    help="sinkhorn: target epsilon, relative to each class's cost scale")
     g.add_argument("--iters", type=int, default=None,
@@ -249,7 +255,9 @@ def solve(args, class_features: list, first_class: int, bar=None) -> wot.Barycen
     for s in range(0, len(class_features), step):
         chunk = class_features[s:s + step]
         seeds = [wot.class_seed(args.seed, first_class + s + i) for i in range(len(chunk))]
-        parts.append(wot.free_support_barycenter_batched(chunk, args.ipc, seeds=seeds, **common))
+        init = [wot.randn_init(args.ipc, f.shape[1], sd) for f, sd in zip(chunk, seeds)] \
+            if args.barycenter_init == "randn" else None
+        parts.append(wot.free_support_barycenter_batched(chunk, args.ipc, seeds=seeds, init=init, **common))
         if bar is not None:
             bar.update(len(chunk))
             bar.set_postfix(w2=f"{float(torch.cat([p.w2 for p in parts]).mean()):.4g}")

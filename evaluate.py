@@ -9,7 +9,8 @@ Recipe (the released SRe2L/WMDD one): every batch is the replayed relabel batch 
 flips and CutMix boxes: wmdd/augment.py); the loss is KL(softmax(t / T) || softmax(s / T)) with T = 20,
 averaged over the batch without a T^2 factor (as released), each image weighted by its normalised
 barycenter weight (mean 1 over the set; a CutMix image takes the area-weighted mix of its two
-images' weights; uniform weights give exactly the released loss). `--loss mse_gt` is the alternative
+images' weights; uniform weights give exactly the released loss; `--kd-weights own-batch`, under
+`--protocol released`, is the released weighting: the image's own weight over its batch's mean). `--loss mse_gt` is the alternative
 MSE(s, t) + --gt-weight * CE(s, class labels mixed by CutMix area). AdamW(lr 1e-3, betas 0.9/0.999,
 weight decay 0.01 except on BatchNorm / LayerNorm parameters and biases), cosine schedule per epoch,
 --epochs and the batch size of the stored labels (a different --epochs or --batch-size is an error).
@@ -59,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from wmdd import artifacts, augment, cli, data, dist, engine, models, softlabels, subsets
+from wmdd import artifacts, augment, cli, data, dist, engine, models, protocol, softlabels, subsets
 
 
 def get_args_parser():
@@ -82,6 +83,10 @@ def get_args_parser():
     g.add_argument("--rank", type=int, default=None, help="online labels: compress like relabel --rank")
     g.add_argument("--precision", default=None, choices=softlabels.PRECISIONS, help="online labels: as relabel")
     g.add_argument("--no-cutmix", action="store_true", help="online / hard labels: crops and flips only")
+    g.add_argument("--kd-weights", default=None, choices=["mixed-set", "own-batch"],
+                   help="barycenter weight of each loss term: mixed-set (w / mean over the set, CutMix-area mix "
+                        "of the two images'; --protocol wmdd) or own-batch (the image's own w / mean over the "
+                        "batch; --protocol released, train_FKD.py). Equal with uniform weights")
     g = p.add_argument_group("baselines and files")
     g.add_argument("--baseline", default="random", choices=["random", "none"],
                    help="also train on a random real subset of the same IPC, same recipe (DD-Ranking)")
@@ -118,10 +123,11 @@ def mse_gt(student, teacher, y, y_mix, lam: float, weights, gt_weight: float, n=
     return (weights * per).sum() / (n or student.shape[0])
 
 
-def image_weights(norm_weights: torch.Tensor, index: torch.Tensor, mix_index: torch.Tensor, lam: float):
-    """Per-image loss weight of a CutMix batch: lam * w[own image] + (1 - lam) * w[pasted image]."""
-    w = norm_weights[index]
-    return lam * w + (1.0 - lam) * w[mix_index]
+def image_weights(norm_weights: torch.Tensor, index: torch.Tensor, mix_index: torch.Tensor, lam: float,
+                  mode: str = "mixed-set"):
+    """Per-image loss weight of a CutMix batch (--kd-weights, wmdd/protocol.py): mixed-set:
+    lam * w[own image] + (1 - lam) * w[pasted image]; own-batch: w[own image] / its mean over the batch."""
+    return protocol.kd_image_weights(norm_weights, index, mix_index, lam, mode)
 
 
 def param_groups(model, weight_decay: float) -> list:
@@ -235,7 +241,7 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
         index, mix = item["index"].to(device), item["mix_index"].to(device)
         lam = float(item["lam_area"])
         y = labels[index]
-        w = image_weights(norm_w, index, mix, lam)[rows.start:rows.stop]
+        w = image_weights(norm_w, index, mix, lam, args.kd_weights)[rows.start:rows.stop]
         y_own, y_pasted = y[rows.start:rows.stop], y[mix][rows.start:rows.stop]
         target = source.targets(item, x, rows) if source is not None else None
         net.train()

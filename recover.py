@@ -98,7 +98,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wmdd import artifacts, bnstats, cli, data, dist, models, ops
+from wmdd import artifacts, bnstats, cli, data, dist, models, ops, protocol
 
 TERMS = ("total", "feature", "bn", "ce")
 # SRe2L's released R_BN weights (recover.sh: ImageNet 0.01; recover_tiny.sh: Tiny-ImageNet 1).
@@ -106,7 +106,8 @@ SRE2L_LAMBDA = {"tiny": 1.0}
 SRE2L_LAMBDA_DEFAULT = 0.01
 # The settings that make a synthetic set: two shards (or a resumed run) may be combined only when equal.
 RECIPE_KEYS = ("ipc", "iterations", "lr", "lambda_bn", "r_ce", "first_bn_mult", "feature", "bn", "global_stats",
-               "layout", "batch_size", "init", "jitter", "seed", "amp", "sre2l")
+               "layout", "batch_size", "init", "jitter", "seed", "amp", "sre2l", "pixel_rounding", "image_format",
+               "jpeg_quality")
 # How long a rank that is done waits for the others (ranks finish a group or more apart): the process
 # group's default timeout (10-30 min) is too short for that.
 
@@ -144,12 +145,22 @@ def get_args_parser():
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default <out>/teacher.pt)")
     g.add_argument("--bn-stats", default=None, help="BN statistics (default <out>/bn_stats.pt)")
     g.add_argument("--barycenters", default=None, help="barycenters (default <out>/barycenters.pt)")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="teacher precision; auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--amp", default=None, choices=["auto", "bf16", "fp32"],
+                   help="teacher precision; auto: bf16 autocast on CUDA, fp32 on CPU (--protocol wmdd: auto; "
+                        "released: fp32)")
     g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="channels_last memory format for the teacher (auto: on)")
     g.add_argument("--log-every", type=int, default=25, help="progress bar / NaN check every N steps")
-    g.add_argument("--no-png", action="store_true", help="skip the images/ PNG tree")
+    g.add_argument("--no-png", action="store_true", help="skip the images/ tree")
+    g = p.add_argument_group("stored images (--protocol wmdd: png, round; released: jpeg, floor)")
+    g.add_argument("--image-format", default=None, choices=["png", "jpeg"],
+                   help="png: the pixels as optimised (lossless); jpeg: each image JPEG-encoded by PIL at "
+                        "--jpeg-quality and decoded, before synthetic.pt is written (relabel, evaluate and "
+                        "the images/ tree, .jpg files, all read the decoded pixels)")
+    g.add_argument("--jpeg-quality", type=int, default=75, help="--image-format jpeg: PIL quality (75: PIL's "
+                   "default, which the released save used)")
+    g.add_argument("--pixel-rounding", default=None, choices=["round", "floor"],
+                   help="[0, 1] -> uint8: round to nearest, or floor (the released astype(np.uint8))")
     return p
 
 
@@ -159,6 +170,7 @@ def get_args_parser():
 
 def resolve_args(args, info, device) -> None:
     """Fill the flags left unset: --sre2l's choices, then the preset's, then the rules in the manual."""
+    protocol.resolve(args)  # --protocol's choices (done by dist.stage_main already; idempotent)
     if args.sre2l:
         for key, value in (("feature", "none"), ("bn", "global"), ("r_ce", 1.0), ("first_bn_mult", 10.0),
                            ("lambda_bn", SRE2L_LAMBDA.get(info.name, SRE2L_LAMBDA_DEFAULT))):
@@ -591,29 +603,39 @@ def recover_group(group: Group, objective: Objective, inputs, args, info, device
             out[:, j] = x
         curves.append(curve.cpu())
         rows.append([group.start, group.stop, -1 if j is None else j])
-    pixels = info.denormalize(out.view(G * ipc, 3, S, S)).clamp_(0, 1)
-    images = pixels.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)  # = torchvision's save_image rounding
+    images = protocol.quantise(info.denormalize(out.view(G * ipc, 3, S, S)), args.pixel_rounding)
+    encoded = None
+    if args.image_format == "jpeg":  # what the released relabel / training read back from the .jpg files
+        images, encoded = protocol.jpeg_round_trip(images, args.jpeg_quality)
     stacked = torch.stack(curves)  # [batches, iterations, terms]
     return {"images": images, "labels": torch.tensor(classes).repeat_interleave(ipc),
             "weights": weights[group.start:group.stop].reshape(-1).float().clone(), "ipc": ipc,
             "classes": [group.start, group.stop],
             "loss_curve": {t: stacked[:, :, i].contiguous() for i, t in enumerate(TERMS)},
-            "loss_batches": torch.tensor(rows, dtype=torch.int64)}
+            "loss_batches": torch.tensor(rows, dtype=torch.int64), "encoded": encoded}
 
 
-def write_pngs(images: torch.Tensor, labels: torch.Tensor, info, ipc: int, root: str) -> None:
-    """images/<class>/<class>_<j>.png (j zero-padded so that file order is image order)."""
+def write_pngs(images: torch.Tensor, labels: torch.Tensor, info, ipc: int, root: str, encoded=None) -> None:
+    """images/<class>/<class>_<j>.png (j zero-padded so that file order is image order); with `encoded`
+    (--image-format jpeg: each image's JPEG bytes, which decode to `images`) <class>_<j>.jpg instead."""
     from torchvision.utils import save_image
 
     width = len(str(ipc - 1))
+    index = torch.arange(labels.numel())
     for c in labels.unique().tolist():
         name = info.classes[c]
         folder = os.path.join(root, name)
         os.makedirs(folder, exist_ok=True)
-        for old in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(name)}_*.png")):
-            os.remove(old)
-        for j, img in enumerate(images[labels == c]):
-            save_image(img.float().div(255), os.path.join(folder, f"{name}_{j:0{width}d}.png"))
+        for ext in ("png", "jpg"):
+            for old in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(name)}_*.{ext}")):
+                os.remove(old)
+        for j, i in enumerate(index[labels == c].tolist()):
+            path = os.path.join(folder, f"{name}_{j:0{width}d}")
+            if encoded is not None:
+                with open(path + ".jpg", "wb") as fh:
+                    fh.write(encoded[i])
+            else:
+                save_image(images[i].float().div(255), path + ".png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,8 +743,9 @@ def run(args, info, world, device, t0):
                   **({} if world.is_main else {"disable": True})) as bar:
             for group in mine:
                 shard = recover_group(group, objective, inputs, args, info, device, real, bar)
+                encoded = shard.pop("encoded")
                 if not args.no_png:  # before the shard: a shard on disk means its PNGs are complete
-                    write_pngs(shard["images"], shard["labels"], info, args.ipc, paths.images)
+                    write_pngs(shard["images"], shard["labels"], info, args.ipc, paths.images, encoded)
                 artifacts.save(shard_path(paths, group), dict(shard, recipe=recipe),
                                artifacts.make_meta("recover-shard", args, info, upstream=upstream, recipe=recipe))
     except cli.UserError as e:

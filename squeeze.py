@@ -6,7 +6,10 @@
 
 Teacher recipe (the paper's, from the released run logs): ResNet-18, 50 epochs, SGD(momentum 0.9)
 lr 0.025, batch 32, cosine, weight decay 1e-4, RandomResizedCrop(0.08-1) + flip; Tiny-ImageNet at the
-224 protocol upsamples its 64 px images and uses a 3x3 s2 stem without maxpool. Every value is a flag;
+224 protocol upsamples its 64 px images and uses a 3x3 s2 stem without maxpool. Tiny-ImageNet at
+`--resolution 64` is SRe2L's teacher (zeyuanyin/tiny-imagenet script/train_rn18.sh): 3x3 s1 stem, no
+maxpool, SGD lr 0.2, batch 256, 50 epochs, wd 1e-4, cosine after 5 linear warm-up epochs
+(--warmup-epochs) from 0.01 x lr, SRe2L's Tiny normalisation. Every value is a flag;
 flags left unset take the `--dataset` preset's value (digits: a ConvNet and a one-minute recipe).
 
 After training (validated every epoch), one eval-mode pass over the training set with the eval
@@ -49,6 +52,8 @@ def get_args_parser():
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--weight-decay", type=float, default=None)
     g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear warm-up from 0.01 x lr over these epochs, then cosine (preset: 0; tiny at 64 px: 5)")
     g = p.add_argument_group("statistics")
     g.add_argument("--stats-only", action="store_true", help="skip training; statistics for --teacher")
     g.add_argument("--teacher", default=None, help="teacher checkpoint for --stats-only (default <out>/teacher.pt)")
@@ -66,13 +71,19 @@ def train_teacher(args, info, device, paths, world) -> tuple:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    warmup = min(args.warmup_epochs, args.epochs) * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs * steps_per_epoch - warmup))
+    if warmup:  # torchvision's reference recipe (SRe2L's Tiny teacher): LinearLR(0.01) then cosine, per step here
+        scheduler = torch.optim.lr_scheduler.SequentialLR(
+            optimizer, [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup), scheduler],
+            milestones=[warmup])
     criterion = nn.CrossEntropyLoss()
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world.enabled else model
 
     # What must match for a checkpoint to be resumed.
-    recipe = {k: getattr(args, k) for k in ("arch", "epochs", "lr", "batch_size", "weight_decay", "momentum", "seed")}
+    recipe = {k: getattr(args, k) for k in ("arch", "epochs", "lr", "batch_size", "weight_decay", "momentum", "seed",
+                                            "warmup_epochs")}
     start_epoch, val = 0, {"top1": float("nan")}
     if os.path.exists(paths.squeeze_checkpoint):
         ckpt = artifacts.load(paths.squeeze_checkpoint, stage="squeeze-checkpoint")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from wmdd import data, protocol
 from wmdd.cli import args_dict, fail
 
 FORMAT_VERSION = 1
@@ -135,6 +136,8 @@ def make_meta(stage: str, args, info, upstream: dict | None = None, **extra) -> 
         "image_size": int(info.image_size),
         "mean": list(info.mean),
         "std": list(info.std),
+        "eval_transform": data.eval_transform_id(info),
+        "protocol": protocol.record(args),
         "upstream": {name: sha256_file(p) for name, p in (upstream or {}).items()},
         "args": args_dict(args) if args is not None else {},
         "seed": getattr(args, "seed", None),
@@ -203,6 +206,14 @@ def check_compatible(meta: dict, info, path, upstream: dict | None = None) -> No
         if found != expected:
             fail(f"{path} was made for {what} {found!r}, but this run uses {expected!r}. Pass the matching "
                  f"{flag}, or regenerate the file (or use another --out).")
+    found = meta.get("eval_transform") or data.eval_transform_id(info, legacy=True, mean=meta.get("mean"),
+                                                                  std=meta.get("std"))
+    if found != data.eval_transform_id(info):
+        fail(f"{path} was made with the eval transform {found!r}, this code uses {data.eval_transform_id(info)!r} "
+             "(the released Resize(256) -> CenterCrop(224) at 224 px, and the preset's normalisation): the "
+             "teacher's validation accuracy, bn_stats.pt, features.pt and everything made from them differ. "
+             "Regenerate it: rerun squeeze.py (and the later stages) into this --out, or use another --out.")
+    protocol.check(meta, path, getattr(info, "protocol", "wmdd"))
     if list(meta.get("classes", [])) != list(info.classes):
         found = meta.get("classes", [])
         diff = next((i for i, (a, b) in enumerate(zip(found, info.classes)) if a != b), min(len(found), len(info.classes)))

@@ -33,7 +33,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, ipc: bool = False) -> ar
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default="digits",
                    help="dataset preset: digits, tiny, imagenette, imagenet, cifar10, cifar100, folder")
-    g.add_argument("--data-dir", default=None, help="dataset root (not needed for digits)")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset root (not needed for digits); default $WMDD_DATA/<release folder name>, e.g. "
+                        "tiny-imagenet-200, imagenette2, imagenet, cifar (./data/<name> when WMDD_DATA is unset)")
     g.add_argument("--resolution", type=int, default=None,
                    help="protocol resolution; tiny: 224 (WMDD, upsampled) or 64 (SRe2L/RDED); digits: 16 or 32")
     g.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR")
@@ -44,6 +46,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, ipc: bool = False) -> ar
                    help="kernel implementation: compiled extension, reference (POT / plain torch), "
                         "or auto (extension when built). Default: $WMDD_IMPL or auto")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    g.add_argument("--protocol", default="wmdd", choices=["wmdd", "released"],
+                   help="wmdd: this project's choices; released: every choice as in the authors' released "
+                        "code (README, 'Differences from the released code'); a choice's own flag wins")
     if ipc:
         g.add_argument("--ipc", type=int, default=10, help="images per class")
     return parser
@@ -75,6 +80,9 @@ def print_config(stage: str, args, **extra) -> None:
     print(f"[{stage}] configuration:")
     for k, v in config.items():
         print(f"  {k:>18} = {v}")
+    from wmdd import protocol
+    for line in protocol.block(stage, args):
+        print(f"[{stage}] {line}" if not line.startswith(" ") else line)
     sys.stdout.flush()
 
 

@@ -35,12 +35,14 @@ from wmdd.cli import fail
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SRE2L_TINY_MEAN = (0.4802, 0.4481, 0.3975)  # SRe2L's Tiny-ImageNet normalisation (its 64 px protocol)
+SRE2L_TINY_STD = (0.2302, 0.2265, 0.2262)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
 # Defaults shared by the ImageNet-like presets; each preset overrides what differs (DESIGN §1 table).
 _PAPER_STAGES = {
     # teacher: ResNet-18, 50 ep, SGD lr 0.025, bs 32, cosine, wd 1e-4
-    "squeeze": dict(epochs=50, lr=0.025, batch_size=32, weight_decay=1e-4),
+    "squeeze": dict(epochs=50, lr=0.025, batch_size=32, weight_decay=1e-4, warmup_epochs=0),
     # barycenter: k = IPC, uniform weights, exact EMD (the released ot.lp.free_support_barycenter)
     "barycenter": dict(solver="exact", weights="uniform"),
     # recover: 2000 it, bs 100, Adam(0.5, 0.9), cosine; lr and lambda per dataset below
@@ -72,6 +74,10 @@ class Preset:
     crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop scale used by every augmenting stage
     flip: bool = True                # horizontal flips are label-preserving (not for digits)
     needs_data_dir: bool = True
+    folder: str | None = None        # the release's folder name: the default --data-dir is $WMDD_DATA/<folder>
+    # per resolution: (mean, std) and stage defaults that replace the preset's (tiny 64: SRe2L's Tiny recipe)
+    norm_by_resolution: dict = field(default_factory=dict)
+    stages_by_resolution: dict = field(default_factory=dict)
 
 
 _FOLDER_LAYOUT = "{root}/train/<class>/<image> and {root}/val/<class>/<image> (one folder per class)"
@@ -90,24 +96,30 @@ PRESETS = {
         "tiny", (224, 64), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "tiny224", 64: "small"},
         "{root}/wnids.txt, {root}/train/<wnid>/images/*.JPEG, {root}/val/images/*.JPEG and "
         "{root}/val/val_annotations.txt (the raw tiny-imagenet-200 release, unmodified)",
-        stages=_stages(recover=dict(lr=0.1, lambda_bn=300.0)), num_classes=200),
+        stages=_stages(recover=dict(lr=0.1, lambda_bn=300.0)), num_classes=200, folder="tiny-imagenet-200",
+        # --resolution 64 is SRe2L's Tiny-ImageNet protocol: its normalisation (recover_tiny.py utils.py), its
+        # teacher (zeyuanyin/tiny-imagenet script/train_rn18.sh: SGD lr 0.2, batch 256, 50 epochs, wd 1e-4,
+        # cosine, 5 linear warm-up epochs from 0.01 x lr) and its recover jitter (4 px)
+        norm_by_resolution={64: (SRE2L_TINY_MEAN, SRE2L_TINY_STD)},
+        stages_by_resolution={64: dict(squeeze=dict(lr=0.2, batch_size=256, warmup_epochs=5),
+                                       recover=dict(jitter=4))}),
     "imagenette": Preset(
         "imagenette", (224,), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "imagenet"},
         _FOLDER_LAYOUT + " as in imagenette2 (wnid folder names)",
-        stages=_stages(recover=dict(lr=0.25, lambda_bn=10.0)), num_classes=10),
+        stages=_stages(recover=dict(lr=0.25, lambda_bn=10.0)), num_classes=10, folder="imagenette2"),
     "imagenet": Preset(
         "imagenet", (224,), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "imagenet"},
         _FOLDER_LAYOUT + " as in ILSVRC-2012 (val/ sorted into wnid folders)",
-        stages=_stages(recover=dict(lr=0.25, lambda_bn=500.0)), num_classes=1000),
+        stages=_stages(recover=dict(lr=0.25, lambda_bn=500.0)), num_classes=1000, folder="imagenet"),
     # CIFAR is not in the WMDD paper: the recover values are the ImageNette ones, to be tuned.
     "cifar10": Preset(
         "cifar10", (32,), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), "resnet18", {32: "small"},
         "torchvision's CIFAR-10 files under {root} (cifar-10-batches-py/); pass --download to fetch",
-        num_classes=10),
+        num_classes=10, folder="cifar"),
     "cifar100": Preset(
         "cifar100", (32,), (0.5071, 0.4865, 0.4409), (0.267, 0.256, 0.276), "resnet18", {32: "small"},
         "torchvision's CIFAR-100 files under {root} (cifar-100-python/); pass --download to fetch",
-        num_classes=100),
+        num_classes=100, folder="cifar"),
     "folder": Preset(
         "folder", (224, 64, 32), IMAGENET_MEAN, IMAGENET_STD, "resnet18",
         {224: "imagenet", 64: "small", 32: "small"}, _FOLDER_LAYOUT),
@@ -128,6 +140,7 @@ class DatasetInfo:
     stem: str
     crop_scale: tuple
     flip: bool
+    protocol: str = "wmdd"        # --protocol: the upstream choices this run expects (wmdd/protocol.py)
 
     @property
     def num_classes(self) -> int:
@@ -154,7 +167,9 @@ def get_preset(name: str) -> Preset:
 def preset_defaults(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     """Fill every stage flag left at None with the preset's (paper) value."""
     preset = get_preset(args.dataset)
-    for key, value in preset.stages.get(stage, {}).items():
+    values = dict(preset.stages.get(stage, {}))
+    values.update(preset.stages_by_resolution.get(getattr(args, "resolution", None), {}).get(stage, {}))
+    for key, value in values.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
@@ -198,8 +213,8 @@ def resolve(args: argparse.Namespace) -> DatasetInfo:
     root = args.data_dir
     if preset.needs_data_dir:
         if not root:
-            _layout_error(preset, root, f"--dataset {preset.name} needs --data-dir")
-        if not os.path.isdir(root):
+            root = args.data_dir = default_data_dir(preset, getattr(args, "download", False))
+        elif not os.path.isdir(root) and not (preset.name.startswith("cifar") and getattr(args, "download", False)):
             _layout_error(preset, root, f"the data directory {root} does not exist")
     if args.resolution is None:
         args.resolution = preset.resolutions[0]
@@ -221,9 +236,32 @@ def resolve(args: argparse.Namespace) -> DatasetInfo:
               f"{preset.num_classes}. Continuing with the folders found.")
 
     image_size = args.resolution
+    mean, std = preset.norm_by_resolution.get(args.resolution, (preset.mean, preset.std))
     return DatasetInfo(name=preset.name, data_dir=root, classes=classes, resolution=args.resolution,
-                       image_size=image_size, mean=preset.mean, std=preset.std, arch=preset.arch,
-                       stem=preset.stems[args.resolution], crop_scale=preset.crop_scale, flip=preset.flip)
+                       image_size=image_size, mean=mean, std=std, arch=preset.arch,
+                       stem=preset.stems[args.resolution], crop_scale=preset.crop_scale, flip=preset.flip,
+                       protocol=getattr(args, "protocol", None) or "wmdd")
+
+
+def default_data_dir(preset: Preset, download: bool = False) -> str:
+    """--data-dir when not given: $WMDD_DATA/<the release's folder name>, then ./data/<folder name>; the
+    first that exists (CIFAR with --download: the first place, created by torchvision)."""
+    if preset.folder is None:
+        _layout_error(preset, None, f"--dataset {preset.name} needs --data-dir (it has no default folder name)")
+    places = []
+    if os.environ.get("WMDD_DATA"):
+        places.append(os.path.join(os.environ["WMDD_DATA"], preset.folder))
+    places.append(os.path.join("data", preset.folder))
+    for place in places:
+        if os.path.isdir(place):
+            return place
+    if download and preset.name.startswith("cifar"):
+        return places[0]
+    where = " nor ".join(places)
+    fail(f"--dataset {preset.name}: no --data-dir was given, and neither {where} exists "
+         f"({'WMDD_DATA=' + os.environ['WMDD_DATA'] if os.environ.get('WMDD_DATA') else 'WMDD_DATA is unset'}). "
+         f"Put the dataset there as {preset.layout.format(root='<that folder>')}, set WMDD_DATA to the folder "
+         f"holding {preset.folder}/, or pass --data-dir.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,15 +284,34 @@ def train_transform(info: DatasetInfo) -> T.Compose:
 
 
 def eval_transform(info: DatasetInfo) -> T.Compose:
-    """Validation / statistics / features: resize 256 + centre crop 224 for full-size ImageNet-like
-    images; a plain resize to the model input for small images (tiny 64 -> 224, or 64 as is)."""
-    steps = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
-    if info.name in ("imagenette", "imagenet") or (info.name == "folder" and info.image_size >= 128):
-        steps += [T.Resize(int(round(info.image_size * 256 / 224)), antialias=True), T.CenterCrop(info.image_size)]
+    """Validation / statistics / features. At 224 px, for every dataset (Tiny-ImageNet included:
+    64 -> 256 -> centre 224), the released `prepare_data`: Resize(256) -> CenterCrop(224) on the PIL image,
+    then to float and normalise. Smaller protocols: a resize to the model input (64 and 32 px images
+    pass unchanged)."""
+    S = info.image_size
+    if S == 224:
+        resize = [T.Resize(256, antialias=True), T.CenterCrop(224)]
     else:
-        steps += [T.Resize((info.image_size, info.image_size), antialias=True)]
-    steps.append(T.Normalize(info.mean, info.std))
-    return T.Compose(steps)
+        resize = [T.Resize((S, S), antialias=True)]
+    return T.Compose(resize + [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(info.mean, info.std)])
+
+
+def eval_transform_id(info: DatasetInfo, legacy: bool = False, mean=None, std=None) -> str:
+    """What `eval_transform` does, recorded in every artifact's meta (features, BN statistics and
+    accuracies depend on it). legacy=True: what the code before this record did (float resize; Tiny at
+    224 a plain resize), with the normalisation an old artifact recorded."""
+    S = info.image_size
+    if legacy:
+        if info.name in ("imagenette", "imagenet") or (info.name == "folder" and S >= 128):
+            ops = "float-resize256-centercrop224"
+        else:
+            ops = f"float-resize{S}x{S}"
+    else:
+        ops = "resize256-centercrop224" if S == 224 else f"resize{S}x{S}"
+    if source_size(info) == S or info.name == "digits":
+        ops = "identity" if source_size(info) == S else ops.replace("float-", "")  # the same values either way
+    norm = [[round(float(v), 6) for v in mean or info.mean], [round(float(v), 6) for v in std or info.std]]
+    return f"{ops}|mean={norm[0]}|std={norm[1]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,6 +191,12 @@ def kmeans_objective(points, features) -> float:
     return float(sqdist(x - mu, y - mu).min(0).values.mean())
 
 
+def randn_init(k: int, d: int, seed: int) -> np.ndarray:
+    """The released start (recover/barycenter.py): np.random.randn(k, d), here from a RandomState seeded
+    with `seed` (the same stream as np.random.seed(seed); np.random.randn(k, d))."""
+    return np.random.RandomState(seed % 2**32).randn(k, d)
+
+
 def kmeanspp_init(y: torch.Tensor, counts: torch.Tensor, k: int, seeds: Sequence[int],
                   trials: int | None = None) -> torch.Tensor:
     """Greedy k-means++ seeding on each class's own points: atoms [C, k, d] (copies of data points).

@@ -4,7 +4,8 @@ not normalised, class-major), int64 labels [N], float32 barycenter weights [N] (
 - `load_synthetic`: recover's `synthetic.pt`, checked against the dataset, the teacher and --ipc.
 - `random_real_subset`: IPC real training images per class drawn with a seeded generator, at the model
   input size (eval transform), quantised to uint8 like the synthetic images: DD-Ranking's random baseline.
-- `default_batch_size`: the relabel / evaluate batch (DESIGN: 100, or 10 * IPC when IPC < 10).
+- `default_batch_size`: the relabel / evaluate batch (run.sh: 100, or 10 * IPC when IPC < 10 except on
+  Tiny-ImageNet and ImageNet-1K).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wmdd import artifacts, data
+from wmdd import artifacts, data, protocol
 from wmdd.cli import fail
 
 
@@ -30,9 +31,11 @@ class ImageSet:
 
 
 def default_batch_size(args) -> None:
-    """Fill args.batch_size when unset and IPC < 10 (10 * IPC); the preset fills the rest (100)."""
+    """Fill args.batch_size when unset by the released run.sh rule (wmdd/protocol.py `kd_batch_size`):
+    10 * IPC when IPC < 10, except on Tiny-ImageNet and ImageNet-1K, which keep 100 at every IPC; the
+    preset fills the rest (100)."""
     if getattr(args, "batch_size", None) is None and getattr(args, "ipc", None) is not None and args.ipc < 10:
-        args.batch_size = 10 * args.ipc
+        args.batch_size = protocol.kd_batch_size(args.dataset, args.ipc)
 
 
 def load_synthetic(path, info, ipc: int | None = None, teacher_path=None) -> ImageSet:
