@@ -56,6 +56,9 @@ then shared out, each rank writes its own shards, and rank 0 merges them into ba
 rank is done (an error on any rank stops every rank with exit code 2 and its message; the shards written
 so far are kept). The result equals a one-process run with the same flags.
 
+`--protocol released` (wmdd/protocol.py) sets --init randn; barycenters.pt records the --init it was
+made with, and recover refuses one made under the other protocol's start.
+
 Errors (exit code 2, nothing written so far is lost): --ipc <= 0, or larger than a class's number of
 training images, stops before any solve with the class and its count named; a teacher.pt from another
 dataset, class order or resolution, or a corrupt, truncated or unsafe (pickled code) teacher is refused

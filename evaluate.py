@@ -15,6 +15,9 @@ MSE(s, t) + --gt-weight * CE(s, class labels mixed by CutMix area). AdamW(lr 1e-
 weight decay 0.01 except on BatchNorm / LayerNorm parameters and biases), cosine schedule per epoch,
 --epochs and the batch size of the stored labels (a different --epochs or --batch-size is an error).
 
+`--protocol released` (wmdd/protocol.py) sets --kd-weights own-batch and refuses a synthetic.pt made
+under the other protocol's stored-image choices (exit code 2); the batch-size default is relabel's rule.
+
 Labels (`--labels`): `stored` reads relabel's files (default), `online` runs the teacher on each
 batch (nothing stored; compressed as relabel would when --topk / --rank / --precision are given),
 `hard` is cross-entropy on the class labels (CutMix-mixed by area).

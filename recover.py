@@ -9,7 +9,14 @@ class barycenters (WMDD §III, DESIGN §1 step 3).
 Reads from --out: `teacher.pt`, `bn_stats.pt` (squeeze.py) and `barycenters.pt` (barycenter.py; not needed
 with --feature none). Writes: `synthetic.pt` (uint8 images [C*IPC, 3, H, W] in [0, 255], class-major;
 labels; barycenter weight of each image's atom; ipc; per-iteration loss curves) and
-`images/<class>/<class>_<j>.png` (an ImageFolder tree).
+`images/<class>/<class>_<j>.png` (an ImageFolder tree; `.jpg` with --image-format jpeg).
+
+Stored pixels (wmdd/protocol.py; `--protocol released` sets the released values): --pixel-rounding round
+(default) or floor (the released `(x * 255).astype(np.uint8)`); --image-format png (default, lossless) or
+jpeg: each image is JPEG-encoded by PIL at --jpeg-quality (75, PIL's default, as the released save) and
+decoded before synthetic.pt is written, so relabel, evaluate and the images/ tree (the JPEG bytes
+themselves) all hold the same pixels. `--protocol released` also runs the teacher in fp32 (--amp fp32).
+barycenters.pt made under another --init than this run's protocol expects is refused (exit code 2).
 
 The loss (image j of class c is tied to barycenter atom j of class c; f = penultimate feature):
 
@@ -79,7 +86,7 @@ files from another dataset, class order, resolution or teacher (sha256), corrupt
 (pickled code) files, --ipc < 1, barycenters made for another --ipc, --init real with a class smaller
 than --ipc.
 
-Speed: bf16 autocast (--amp, default on CUDA) and channels_last (--channels-last, default on) for the
+Speed: bf16 autocast (--amp auto, the default on CUDA under --protocol wmdd; not yet shown equal to fp32 on a GPU) and channels_last (--channels-last, default on) for the
 teacher; statistics, features and losses are computed in float32. The iteration loop never waits on the
 device except for the progress bar (every --log-every steps), where a non-finite loss also stops the run
 with the class range and iteration (exit 2; the shards written so far are kept).

@@ -10,8 +10,10 @@ of --batch-size by a seeded permutation; every batch gets RandomResizedCrop (the
 Beta(1, 1)), all drawn from a generator seeded by (--seed, epoch, batch) (wmdd/augment.py), and the
 teacher's logits on that exact batch are stored. evaluate.py recomputes the same batches from the same
 seeds, so no crop box, flip, CutMix index or lambda is stored; one 8-byte digest per batch lets the
-replay check itself. Defaults are the paper's (300 epochs, batch 100, or 10 * IPC when IPC < 10);
-the digits preset is shorter.
+replay check itself. Defaults are the paper's (300 epochs, batch 100, or 10 * IPC when IPC < 10
+except on Tiny-ImageNet and ImageNet-1K, which keep 100: the released run.sh); the digits preset is
+shorter. The batch size is printed with the rule (`kd_batch_size`). `--protocol released` refuses a
+synthetic.pt made under another --image-format / --pixel-rounding / --amp (exit code 2).
 
 Storage (wmdd/softlabels.py): `labels/manifest.pt` (settings, teacher and synthetic sha256, class
 labels, barycenter weights) and one `labels/epoch_XXXX.pt` per epoch with the logits in fp16, or with
@@ -46,7 +48,8 @@ def get_args_parser():
     g = p.add_argument_group("relabel (unset: the preset's value)")
     g.add_argument("--epochs", type=int, default=None, help="label sets: one per student epoch")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch; evaluate must use the same (preset: 100, or 10 * IPC if IPC < 10)")
+                   help="images per batch; evaluate must use the same (preset: 100, or 10 * IPC if IPC < 10 "
+                        "except tiny and imagenet)")
     g.add_argument("--epochs-range", default=None,
                    help="a:b computes only epochs a..b-1 (0-based) of --epochs, to shard the work")
     g.add_argument("--topk", type=int, default=None,

@@ -163,9 +163,12 @@ def test_penultimate_feeds_classifier(arch):
     torch.testing.assert_close(models.classifier(model)(models.penultimate(model, x)), model(x))
 
 
-def test_bad_dataset_input_exits_2_with_message(tmp_path, capsys):
+def test_bad_dataset_input_exits_2_with_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data/tiny-imagenet-200 here, and no $WMDD_DATA
+    monkeypatch.delenv("WMDD_DATA", raising=False)
     assert _cli_exit_code(squeeze, ["--dataset", "tiny", "--out", tmp_path / "o"]) == 2
-    assert "needs --data-dir" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no --data-dir was given" in err and os.path.join("data", "tiny-imagenet-200") in err
     assert _cli_exit_code(squeeze, ["--dataset", "tiny", "--data-dir", tmp_path / "nope"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

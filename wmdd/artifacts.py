@@ -137,7 +137,7 @@ def make_meta(stage: str, args, info, upstream: dict | None = None, **extra) -> 
         "mean": list(info.mean),
         "std": list(info.std),
         "eval_transform": data.eval_transform_id(info),
-        "protocol": protocol.record(args),
+        "protocol": protocol.record(args, stage),
         "upstream": {name: sha256_file(p) for name, p in (upstream or {}).items()},
         "args": args_dict(args) if args is not None else {},
         "seed": getattr(args, "seed", None),

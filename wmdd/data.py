@@ -257,8 +257,8 @@ def default_data_dir(preset: Preset, download: bool = False) -> str:
             return place
     if download and preset.name.startswith("cifar"):
         return places[0]
-    where = " nor ".join(places)
-    fail(f"--dataset {preset.name}: no --data-dir was given, and neither {where} exists "
+    fail(f"--dataset {preset.name}: no --data-dir was given, and no dataset folder was found at "
+         f"{' or '.join(places)} "
          f"({'WMDD_DATA=' + os.environ['WMDD_DATA'] if os.environ.get('WMDD_DATA') else 'WMDD_DATA is unset'}). "
          f"Put the dataset there as {preset.layout.format(root='<that folder>')}, set WMDD_DATA to the folder "
          f"holding {preset.folder}/, or pass --data-dir.")

@@ -7,7 +7,7 @@ released ones; a choice's own flag wins over either. Every stage takes `--protoc
 
     protocol.resolve(args)         # dist.stage_main: fill the choices the stage has and left unset
     protocol.block(stage, args)    # the printed block (cli.print_config prints it)
-    protocol.record(args)          # meta["protocol"] of every artifact (artifacts.make_meta)
+    protocol.record(args, stage)   # meta["protocol"] of every artifact (artifacts.make_meta)
     protocol.check(meta, path, p)  # artifacts.check_compatible: refuse an upstream artifact made under
                                    # another value of a choice that changes what it means (exit code 2)
 
@@ -102,13 +102,15 @@ def block(stage: str, args) -> list:
     return lines
 
 
-def record(args) -> dict:
-    """meta["protocol"]: the protocol and the resolved value of each choice this stage has."""
+def record(args, stage: str) -> dict:
+    """meta["protocol"] of an artifact of `stage`: the protocol and the resolved value of each choice that
+    acts on it (barycenters.pt records --init; features.pt, made by the same stage, none)."""
     if args is None:
         return {"name": "wmdd", "choices": {}, "flags": []}
+    mine = [c for c in _stage_choices(args) if c.stage == stage.split("-")[0]]
     return {"name": getattr(args, "protocol", "wmdd"),
-            "choices": {c.name: _json(getattr(args, c.name)) for c in _stage_choices(args)},
-            "flags": list(getattr(args, "protocol_flags", []))}
+            "choices": {c.name: _json(getattr(args, c.name)) for c in mine},
+            "flags": [n for n in getattr(args, "protocol_flags", []) if n in {c.name for c in mine}]}
 
 
 def _json(v):

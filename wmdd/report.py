@@ -32,7 +32,7 @@ def dataset_args(meta: dict) -> argparse.Namespace:
     """The dataset flags an artifact was made with, enough to rebuild its DatasetInfo."""
     a = meta["args"]
     return argparse.Namespace(dataset=a["dataset"], data_dir=a.get("data_dir"), resolution=a.get("resolution"),
-                              download=False, workers=a.get("workers", 0))
+                              download=False, workers=a.get("workers", 0), protocol=a.get("protocol", "wmdd"))
 
 
 @torch.no_grad()
