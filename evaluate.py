@@ -4,8 +4,9 @@
     python evaluate.py --dataset imagenet --data-dir /data/imagenet --ipc 10 --out runs/in1k --student resnet50
     python evaluate.py ... --labels online      # teacher on the fly, nothing stored
     python evaluate.py ... --labels hard        # plain cross-entropy on the class labels
+    python evaluate.py ... --student mobilenet_v2 --full-data-acc 56.5 --ars
 
-Recipe (the released SRe2L/WMDD one): every batch is the replayed relabel batch (same images, crops,
+Recipe (the released SRe2L/WMDD one): every soft-label batch is the replayed relabel batch (same images, crops,
 flips and CutMix boxes: wmdd/augment.py); the loss is KL(softmax(t / T) || softmax(s / T)) with T = 20,
 averaged over the batch without a T^2 factor (as released), each image weighted by its normalised
 barycenter weight (mean 1 over the set; a CutMix image takes the area-weighted mix of its two
@@ -16,18 +17,39 @@ weight decay 0.01 except on BatchNorm / LayerNorm parameters and biases), cosine
 
 Labels (`--labels`): `stored` reads relabel's files (default), `online` runs the teacher on each
 batch (nothing stored; compressed as relabel would when --topk / --rank / --precision are given),
-`hard` is cross-entropy on the class labels (CutMix-mixed by area).
+`hard` is cross-entropy on the class labels.
 
-Honest comparison (DESIGN "Honest comparison", DD-Ranking arXiv 2505.13300): with `--baseline random`
-(default) the same recipe trains students on IPC random real training images per class (seeded), with
-the teacher's soft labels computed online and compressed as the stored ones, and with hard labels; the
-distilled set is also trained with hard labels. Reported: top-1 / top-5 on the real validation set
-(every --eval-every epochs and at the end), mean +- sample std over --seeds students, the teacher's
-full-data accuracy, IOR = acc(distilled) - acc(random) and HLR = acc(full data, hard) - acc(distilled,
-hard), where the teacher's val top-1 stands in for the full-data hard-label accuracy.
+Students (`--student`): the project's resnet18 / resnet50 / resnet101 / convnet / vit_tiny, or any
+classification model of torchvision's registry by name (mobilenet_v2, efficientnet_b0, densenet121,
+swin_t, vit_b_16, ...: `torchvision.models.list_models(module=torchvision.models)`), untrained, with the
+small-input stem of its family at 32/64 px (wmdd/models.py says which, per family). An unknown name
+stops with the list of valid ones (exit 2).
 
-Writes to --out: `results.json` (every number per seed, the config, the label settings) and
-`results.md` (the table, also printed).
+Honest comparison, as DD-Ranking (arXiv 2505.13300; its evaluator `ddranking` 0.2.0) defines it:
+- `--baseline random,full` (default; a comma list, or `none`; wmdd/baselines.py builds each set):
+  `random` trains the same recipe on IPC random real training images per class, a NEW subset for every
+  seed (seed s -> subset s, its indices in results.json), with the teacher's soft labels computed online
+  and compressed as the stored ones, and with hard labels; `full` trains one hard-label student of the
+  evaluation architecture (`--student`) on the whole real training set with the same recipe (epochs,
+  batch, optimiser, schedule): acc(full data, hard) for HLR. It depends only on the dataset, the
+  architecture and the recipe (not the synthetic set, teacher, labels or IPC), so it is trained once
+  (with --seed) and kept in students/ across reruns; a changed recipe retrains it.
+- `--full-data-acc X`: use X (percent, e.g. a published value for ImageNet) instead of training the
+  full-data student; recorded and printed as user-given. Outside [0, 100]: refused (exit 2).
+- `--hlr-reference teacher`: the teacher's val top-1 stands in for acc(full data, hard), only when asked,
+  and labelled STAND-IN in every table (it is another architecture, trained with another recipe).
+- Hard-label students (distilled, random, full) train on the unaugmented images (whole image, no flip,
+  no CutMix; a new order every epoch), as DD-Ranking's default use_aug_for_hard=False feeds its tensors.
+  `--hard-label-aug` gives them the soft recipe's crops + CutMix instead (this project's earlier behaviour).
+- `--ars`: also train soft-label students WITHOUT augmentation on the distilled set and on each seed's
+  random subset (teacher labels on the plain images, compressed as stored): ARS. Cost: 2 more students
+  per seed (with the default baselines, 2 per seed on top of 4 per seed plus the one full-data student).
+- Reported (printed, results.md, results.json): every student's top-1 per seed after the last epoch
+  (the paper's number) and at its best validated epoch (DD-Ranking's), mean +- sample std; and per seed
+  and mean +- std, for both variants, IOR = acc(distilled, soft) - acc(random, soft), IOR with hard
+  labels, HLR = acc(full, hard) - acc(distilled, hard), LRS = (e^a - e^-1) / (e - e^-1) with
+  a = 0.5 IOR - 0.5 HLR (fractions), and with --ars ARS (wmdd/metrics.py has each formula).
+  Validation every --eval-every epochs and at the end.
 
 Resume: every finished student is written at once to `students/<images>-<labels>-seed<s>.json`
 (atomically, with a fingerprint of everything it depends on: settings, seed, synthetic set, teacher,
@@ -410,6 +432,7 @@ def run(args, info, world, device, t0):
     val_set = data.build_dataset(info, args, "val")
     if world.enabled:  # each rank validates its block; engine.validate sums the counts
         val_set = Subset(val_set, list(dist.rank_slice(len(val_set), world)))
+    val_set = engine.in_memory(val_set)  # transformed once, not at every validation of every student
     val_loader = DataLoader(val_set, batch_size=args.val_batch_size, num_workers=args.workers)
     teacher_meta = (teacher_art or {}).get("meta") or {}
     teacher_top1 = teacher_meta.get("val_top1")
