@@ -4,8 +4,9 @@
     python evaluate.py --dataset imagenet --data-dir /data/imagenet --ipc 10 --out runs/in1k --student resnet50
     python evaluate.py ... --labels online      # teacher on the fly, nothing stored
     python evaluate.py ... --labels hard        # plain cross-entropy on the class labels
+    python evaluate.py ... --student mobilenet_v2 --full-data-acc 56.5 --ars
 
-Recipe (the released SRe2L/WMDD one): every batch is the replayed relabel batch (same images, crops,
+Recipe (the released SRe2L/WMDD one): every soft-label batch is the replayed relabel batch (same images, crops,
 flips and CutMix boxes: wmdd/augment.py); the loss is KL(softmax(t / T) || softmax(s / T)) with T = 20,
 averaged over the batch without a T^2 factor (as released), each image weighted by its normalised
 barycenter weight (mean 1 over the set; a CutMix image takes the area-weighted mix of its two
@@ -20,18 +21,39 @@ under the other protocol's stored-image choices (exit code 2); the batch-size de
 
 Labels (`--labels`): `stored` reads relabel's files (default), `online` runs the teacher on each
 batch (nothing stored; compressed as relabel would when --topk / --rank / --precision are given),
-`hard` is cross-entropy on the class labels (CutMix-mixed by area).
+`hard` is cross-entropy on the class labels.
 
-Honest comparison (DESIGN "Honest comparison", DD-Ranking arXiv 2505.13300): with `--baseline random`
-(default) the same recipe trains students on IPC random real training images per class (seeded), with
-the teacher's soft labels computed online and compressed as the stored ones, and with hard labels; the
-distilled set is also trained with hard labels. Reported: top-1 / top-5 on the real validation set
-(every --eval-every epochs and at the end), mean +- sample std over --seeds students, the teacher's
-full-data accuracy, IOR = acc(distilled) - acc(random) and HLR = acc(full data, hard) - acc(distilled,
-hard), where the teacher's val top-1 stands in for the full-data hard-label accuracy.
+Students (`--student`): the project's resnet18 / resnet50 / resnet101 / convnet / vit_tiny, or any
+classification model of torchvision's registry by name (mobilenet_v2, efficientnet_b0, densenet121,
+swin_t, vit_b_16, ...: `torchvision.models.list_models(module=torchvision.models)`), untrained, with the
+small-input stem of its family at 32/64 px (wmdd/models.py says which, per family). An unknown name
+stops with the list of valid ones (exit 2).
 
-Writes to --out: `results.json` (every number per seed, the config, the label settings) and
-`results.md` (the table, also printed).
+Honest comparison, as DD-Ranking (arXiv 2505.13300; its evaluator `ddranking` 0.2.0) defines it:
+- `--baseline random,full` (default; a comma list, or `none`; wmdd/baselines.py builds each set):
+  `random` trains the same recipe on IPC random real training images per class, a NEW subset for every
+  seed (seed s -> subset s, its indices in results.json), with the teacher's soft labels computed online
+  and compressed as the stored ones, and with hard labels; `full` trains one hard-label student of the
+  evaluation architecture (`--student`) on the whole real training set with the same recipe (epochs,
+  batch, optimiser, schedule): acc(full data, hard) for HLR. It depends only on the dataset, the
+  architecture and the recipe (not the synthetic set, teacher, labels or IPC), so it is trained once
+  (with --seed) and kept in students/ across reruns; a changed recipe retrains it.
+- `--full-data-acc X`: use X (percent, e.g. a published value for ImageNet) instead of training the
+  full-data student; recorded and printed as user-given. Outside [0, 100]: refused (exit 2).
+- `--hlr-reference teacher`: the teacher's val top-1 stands in for acc(full data, hard), only when asked,
+  and labelled STAND-IN in every table (it is another architecture, trained with another recipe).
+- Hard-label students (distilled, random, full) train on the unaugmented images (whole image, no flip,
+  no CutMix; a new order every epoch), as DD-Ranking's default use_aug_for_hard=False feeds its tensors.
+  `--hard-label-aug` gives them the soft recipe's crops + CutMix instead (this project's earlier behaviour).
+- `--ars`: also train soft-label students WITHOUT augmentation on the distilled set and on each seed's
+  random subset (teacher labels on the plain images, compressed as stored): ARS. Cost: 2 more students
+  per seed (with the default baselines, 2 per seed on top of 4 per seed plus the one full-data student).
+- Reported (printed, results.md, results.json): every student's top-1 per seed after the last epoch
+  (the paper's number) and at its best validated epoch (DD-Ranking's), mean +- sample std; and per seed
+  and mean +- std, for both variants, IOR = acc(distilled, soft) - acc(random, soft), IOR with hard
+  labels, HLR = acc(full, hard) - acc(distilled, hard), LRS = (e^a - e^-1) / (e - e^-1) with
+  a = 0.5 IOR - 0.5 HLR (fractions), and with --ars ARS (wmdd/metrics.py has each formula).
+  Validation every --eval-every epochs and at the end.
 
 Resume: every finished student is written at once to `students/<images>-<labels>-seed<s>.json`
 (atomically, with a fingerprint of everything it depends on: settings, seed, synthetic set, teacher,
@@ -53,8 +75,8 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +85,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from wmdd import artifacts, augment, cli, data, dist, engine, models, protocol, softlabels, subsets
+from wmdd import artifacts, augment, baselines, cli, data, dist, engine, metrics, models, protocol, softlabels, subsets
 
 
 def get_args_parser():
@@ -71,7 +93,9 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_common_args(p, ipc=True)
     g = p.add_argument_group("student (unset: the stored labels' or the preset's value)")
-    g.add_argument("--student", default=None, choices=models.ARCHES, help="architecture (default: the preset's)")
+    g.add_argument("--student", default=None,
+                   help="architecture: one of the project's (resnet18, resnet50, resnet101, convnet, vit_tiny) or any "
+                        "classification model of torchvision's registry (mobilenet_v2, swin_t, ...); default: the preset's")
     g.add_argument("--labels", default="stored", choices=["stored", "online", "hard"], help="label source")
     g.add_argument("--loss", default="kl", choices=["kl", "mse_gt"], help="soft-label loss")
     g.add_argument("--gt-weight", type=float, default=0.1, help="weight of the class-label CE in --loss mse_gt")
@@ -90,9 +114,21 @@ def get_args_parser():
                    help="barycenter weight of each loss term: mixed-set (w / mean over the set, CutMix-area mix "
                         "of the two images'; --protocol wmdd) or own-batch (the image's own w / mean over the "
                         "batch; --protocol released, train_FKD.py). Equal with uniform weights")
-    g = p.add_argument_group("baselines and files")
-    g.add_argument("--baseline", default="random", choices=["random", "none"],
-                   help="also train on a random real subset of the same IPC, same recipe (DD-Ranking)")
+    g.add_argument("--hard-label-aug", action="store_true",
+                   help="hard-label students train on the soft recipe's crops + CutMix (default: unaugmented "
+                        "images, as DD-Ranking's use_aug_for_hard=False)")
+    g = p.add_argument_group("baselines, scores and files")
+    g.add_argument("--baseline", default="random,full",
+                   help="comma list of real-image baselines trained with the same recipe: random (IPC random real "
+                        "images per class, a new subset per seed), full (the full training set, hard labels: HLR's "
+                        "reference); or none")
+    g.add_argument("--full-data-acc", type=float, default=None,
+                   help="acc(full data, hard) in percent, given (e.g. a published value): no full-data student")
+    g.add_argument("--hlr-reference", default="student", choices=["student", "teacher"],
+                   help="HLR's full-data accuracy: the full-data student (--baseline full) or, only when asked, "
+                        "the teacher's val top-1 as a stand-in (labelled so)")
+    g.add_argument("--ars", action="store_true",
+                   help="also train soft-label students without augmentation (distilled and random): ARS")
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default <out>/teacher.pt)")
     g.add_argument("--synthetic", default=None, help="synthetic set (default <out>/synthetic.pt)")
     g.add_argument("--val-batch-size", type=int, default=500)
@@ -272,8 +308,9 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
                 history.append({"epoch": epoch, "train_loss": running / seen, **val})
                 bar.set_postfix(loss=f"{running / seen:.4f}", val_top1=f"{val['top1']:.2f}")
                 running, seen = 0.0, 0
-    final = history[-1]
-    return {"seed": seed, "top1": final["top1"], "top5": final["top5"], "history": history,
+    final, best = history[-1], max(history, key=lambda h: h["top1"])
+    return {"seed": seed, "top1": final["top1"], "top5": final["top5"], "best_top1": best["top1"],
+            "best_epoch": best["epoch"], "history": history,
             "wall_s": round(time.time() - t0, 2), "world_size": world.size}
 
 
@@ -281,17 +318,26 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
 # finished students (resume)
 
 
+# the settings a full-data student depends on: the recipe and the dataset, not the synthetic set, the
+# teacher, the labels or the IPC, so one is trained per dataset, student architecture and recipe
+FULL_DATA_RECIPE = ("dataset", "resolution", "student", "epochs", "batch_size", "lr", "weight_decay", "eval_every",
+                    "protocol")
+
+
 def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
     """sha256 of everything one student's result depends on: a rerun keeps a student file only if equal."""
     config = {k: v for k, v in cli.args_dict(args).items()
               if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
-                           "val_batch_size", "teacher", "synthetic")}
+                           "val_batch_size", "teacher", "synthetic", "full_data_acc", "hlr_reference", "ars")}
+    if key.startswith("full/"):
+        config = {k: v for k, v in config.items() if k in FULL_DATA_RECIPE}
     blob = json.dumps({"config": config, "key": key, "seed": seed, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def student_path(paths, key: str, seed: int) -> str:
-    return os.path.join(paths.students, f"{key.replace('/', '-')}-seed{seed}.json")
+def student_path(paths, key: str, seed: int, arch: str) -> str:
+    tag = f"-{arch}" if key.startswith("full/") else ""  # the full-data student: one per architecture
+    return os.path.join(paths.students, f"{key.replace('/', '-')}{tag}-seed{seed}.json")
 
 
 def finished_student(path: str, fingerprint: str):
@@ -303,51 +349,6 @@ def finished_student(path: str, fingerprint: str):
         return obj["record"] if obj.get("fingerprint") == fingerprint else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-# ---------------------------------------------------------------------------------------------
-# reporting
-
-
-def summarize(values: list) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def paired(a: list, b: list) -> dict:
-    diffs = [x - y for x, y in zip(a, b)]
-    return {"per_seed": diffs, **summarize(diffs)}
-
-
-def fmt(s: dict | None, digits: int = 2) -> str:
-    if s is None:
-        return "–"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
-
-
-def markdown(report: dict) -> str:
-    c = report["config"]
-    lines = [f"## evaluate: {c['dataset']} (resolution {c['resolution']}), IPC {c['ipc']}, student {c['student']}, "
-             f"{c['seeds']} seed(s), {c['epochs']} epochs, batch {c['batch_size']}, T = {c['temperature']}, "
-             f"loss {c['loss']}",
-             "", "| images | labels | top-1 (%) | top-5 (%) |", "|---|---|---|---|"]
-    for run in report["runs"]:
-        lines.append(f"| {run['images']} | {run['label_desc']} | {fmt(run['top1'])} | {fmt(run['top5'])} |")
-    t = report["teacher_val_top1"]
-    lines.append(f"| full training set | hard: teacher val top-1 (stand-in) | "
-                 f"{'–' if t is None else f'{t:.2f}'} | – |")
-    lines.append("")
-    m = report["metrics"]
-    if "IOR" in m:
-        lines.append(f"- IOR = acc(distilled, soft) − acc(random, soft) = **{m['IOR']['mean']:+.2f}** pt "
-                     f"(± {m['IOR']['std']:.2f}, paired by seed)")
-    if "IOR_hard" in m:
-        lines.append(f"- IOR with hard labels = {m['IOR_hard']['mean']:+.2f} pt (± {m['IOR_hard']['std']:.2f})")
-    if "HLR" in m:
-        lines.append(f"- HLR = acc(full data, hard) − acc(distilled, hard) = **{m['HLR']['mean']:+.2f}** pt "
-                     f"(± {m['HLR']['std']:.2f}); the full-data hard-label accuracy is the teacher's val top-1 "
-                     f"({report['teacher_arch']}, {t:.2f}%), a stand-in for a student trained on the full set")
-    lines.append("- mean ± sample std over seeds; top-1 / top-5 on the real validation set after the last epoch")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,12 +395,12 @@ def run(args, info, world, device, t0):
     log = world.print
     args.out = cli.default_out(args)
     args.student = args.student or info.arch
+    check_flags(args)
     cli.seed_everything(args.seed)
     paths = artifacts.run_paths(args.out)
     teacher_path = args.teacher or paths.teacher
     synthetic_path = args.synthetic or paths.synthetic
-    if args.seeds < 1:
-        cli.fail(f"--seeds must be at least 1, got {args.seeds}.")
+    bases = {b.name: b for b in baselines.parse(args.baseline)}
 
     syn = subsets.load_synthetic(synthetic_path, info, args.ipc, teacher_path)
     settings = None
@@ -421,10 +422,16 @@ def run(args, info, world, device, t0):
         cli.fail(f"--epochs and --batch-size must be at least 1 (got {args.epochs}, {args.batch_size}).")
     if args.eval_every is None:
         args.eval_every = max(1, args.epochs // 5)
-    needs_teacher = args.labels == "online" or (args.baseline == "random" and args.labels != "hard")
+    full_source = full_data_source(args, bases)
+    soft = args.labels != "hard"
+    needs_teacher = args.labels == "online" or ("random" in bases and soft) or (args.ars and soft) \
+        or full_source == "teacher"
+    plain = augment.plain_spec(info, syn.images.shape[-1])
+    hard_spec = spec if args.hard_label_aug else plain
     if world.is_main:
         cli.print_config("evaluate", args, classes=info.num_classes, image_size=info.image_size, stem=info.stem,
                          device_resolved=str(device), augmentation=spec.as_dict(), augmentation_seed=aug_seed,
+                         hard_label_augmentation=hard_spec.as_dict(), full_data_accuracy_from=full_source,
                          label_compression=f"topk={topk} rank={rank} precision={precision}", world_size=world.size,
                          kernels="none used by this stage (student training and teacher forward passes only)")
 
@@ -434,87 +441,83 @@ def run(args, info, world, device, t0):
     val_set = data.build_dataset(info, args, "val")
     if world.enabled:  # each rank validates its block; engine.validate sums the counts
         val_set = Subset(val_set, list(dist.rank_slice(len(val_set), world)))
+    val_set = engine.in_memory(val_set)  # transformed once, not at every validation of every student
     val_loader = DataLoader(val_set, batch_size=args.val_batch_size, num_workers=args.workers)
     teacher_meta = (teacher_art or {}).get("meta") or {}
     teacher_top1 = teacher_meta.get("val_top1")
     if teacher is not None and teacher_top1 is None:  # a plain state_dict: measure it once
         teacher_top1 = engine.validate(teacher, val_loader, device, desc="teacher", progress=world.is_main,
                                        world=world)["top1"]
-
-    plan = augment.ReplayPlan(len(syn), args.batch_size, aug_seed)
-    soft_desc = {"stored": "soft, stored", "online": "soft, teacher online", "hard": "hard"}[args.labels]
-    comp = softlabels.describe(topk, precision or ("fp16" if topk or rank else "fp32"), rank)
-    loss_desc = f"T = {args.temperature:g}" if args.loss == "kl" else f"MSE + {args.gt_weight:g} CE"
-    configs = []  # (key, images label, ImageSet, label source, description)
-    if args.labels == "stored":
-        configs.append(("distilled/soft", "distilled", syn, StoredLabels(paths.labels, settings, plan),
-                        f"{soft_desc} ({comp}), {loss_desc}"))
-    elif args.labels == "online":
-        configs.append(("distilled/soft", "distilled", syn, OnlineLabels(teacher, info.num_classes, topk, precision, rank),
-                        f"{soft_desc} ({comp}), {loss_desc}"))
-    configs.append(("distilled/hard", "distilled", syn, None, "hard"))
-    if args.baseline == "random":
-        real = subsets.random_real_subset(info, args, syn.ipc, args.seed)
-        if args.labels != "hard":
-            configs.append(("random/soft", f"random real (seed {args.seed})", real,
-                            OnlineLabels(teacher, info.num_classes, topk, precision, rank),
-                            f"soft, teacher online ({comp}, as distilled), {loss_desc}"))
-        configs.append(("random/hard", f"random real (seed {args.seed})", real, None, "hard"))
+    if full_source == "teacher" and teacher_top1 is None:
+        cli.fail(f"--hlr-reference teacher needs the teacher's accuracy, but there is no teacher at {teacher_path}. "
+                 "Pass --teacher, or --full-data-acc X, or drop --hlr-reference (the full-data student).")
 
     seeds = [args.seed + s for s in range(args.seeds)]
-    upstream = {"synthetic_sha256": artifacts.sha256_file(synthetic_path), "label_settings": settings,
-                "teacher_sha256": artifacts.sha256_file(teacher_path) if teacher is not None else None,
-                "random_subset": real.indices if args.baseline == "random" else None}
+    sha = artifacts.sha256_file(synthetic_path)
+    upstream = {"synthetic_sha256": sha, "label_settings": settings,
+                "teacher_sha256": artifacts.sha256_file(teacher_path) if teacher is not None else None}
+    jobs = student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, plain, hard_spec,
+                        aug_seed, (topk, precision, rank), full_source, upstream)
     # rank 0 decides which students are finished; every rank trains the same remaining ones
-    fingerprints = {(key, s): student_fingerprint(args, key, s, upstream) for key, *_ in configs for s in seeds}
     finished = None
     if world.is_main:
-        finished = {(key, s): finished_student(student_path(paths, key, s), fp) for (key, s), fp in fingerprints.items()}
-        kept = sum(r is not None for r in finished.values())
+        finished = [finished_student(j.path, j.fingerprint) for j in jobs]
+        kept = sum(r is not None for r in finished)
         if kept:
             print(f"[evaluate] resuming: {kept} of {len(finished)} students already finished in {paths.students}")
     finished = dist.gather_objects(finished, world, None)[0]
-    runs = []
-    for key, images_desc, iset, source, label_desc in configs:
-        per_seed = []
-        for s in seeds:
-            rec = finished[(key, s)]
-            if rec is None:
-                iplan = plan if len(iset) == len(syn) else augment.ReplayPlan(len(iset), args.batch_size, aug_seed)
-                rec = train_student(iset, source, args, info, spec, iplan, device, val_loader, s,
-                                    desc=f"{key} seed {s}", world=world)
-                if world.is_main:
-                    os.makedirs(paths.students, exist_ok=True)
-                    _atomic_write(student_path(paths, key, s), json.dumps(
-                        {"fingerprint": fingerprints[(key, s)], "record": rec}, indent=1))
-            per_seed.append(rec)
-            log(f"[evaluate] {key} seed {s}: top-1 {rec['top1']:.2f} top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)")
-        runs.append({"key": key, "images": images_desc, "label_desc": label_desc, "per_seed": per_seed,
-                     "top1": summarize([r["top1"] for r in per_seed]), "top5": summarize([r["top5"] for r in per_seed])})
+    records = {}
+    for job, rec in zip(jobs, finished):
+        if rec is None:
+            rec = train_student(job.iset, job.source, args, info, job.spec, job.plan, device, val_loader, job.seed,
+                                desc=f"{job.key} seed {job.seed}", world=world)
+            if world.is_main:
+                os.makedirs(paths.students, exist_ok=True)
+                _atomic_write(job.path, json.dumps({"fingerprint": job.fingerprint, "record": rec}, indent=1))
+        records[(job.key, job.seed)] = rec
+        log(f"[evaluate] {job.key} seed {job.seed}: top-1 {rec['top1']:.2f} (best {metrics.accuracy(rec, 'best'):.2f}) "
+            f"top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)")
 
-    by_key = {r["key"]: [x["top1"] for x in r["per_seed"]] for r in runs}
-    metrics = {}
-    if "distilled/soft" in by_key and "random/soft" in by_key:
-        metrics["IOR"] = paired(by_key["distilled/soft"], by_key["random/soft"])
-    if "random/hard" in by_key:
-        metrics["IOR_hard"] = paired(by_key["distilled/hard"], by_key["random/hard"])
-    if teacher_top1 is not None:
-        metrics["HLR"] = paired([teacher_top1] * len(seeds), by_key["distilled/hard"])
+    runs = []
+    for job in jobs:
+        if not runs or runs[-1]["key"] != job.key:
+            runs.append({"key": job.key, "images": job.images_desc, "label_desc": job.label_desc, "per_seed": []})
+        runs[-1]["per_seed"].append(records[(job.key, job.seed)])
+    for r in runs:
+        for v in metrics.VARIANTS:
+            r[f"top1_{v}"] = metrics.summarize([metrics.accuracy(x, v) for x in r["per_seed"]])
+        r["top1"], r["top5"] = r["top1_last"], metrics.summarize([x["top5"] for x in r["per_seed"]])
+
+    full = {"source": full_source, "student": args.student}
+    if full_source == "user":
+        full.update(top1={"last": args.full_data_acc, "best": args.full_data_acc},
+                    label=f"user-given (--full-data-acc {args.full_data_acc:g})")
+    elif full_source == "teacher":
+        full.update(top1={"last": teacher_top1, "best": teacher_top1},
+                    label=f"STAND-IN: the teacher's val top-1 ({teacher_arch(teacher_art)}), not a {args.student} "
+                          "student (--hlr-reference teacher)")
+    elif full_source == "student":
+        rec = records[("full/hard", args.seed)]
+        full.update(top1={v: metrics.accuracy(rec, v) for v in metrics.VARIANTS},
+                    label=f"a {args.student} student trained on the full training set, hard labels, same recipe")
+    scores = {}
+    for v in metrics.VARIANTS:
+        acc = {r["key"]: [metrics.accuracy(x, v) for x in r["per_seed"]] for r in runs if not r["key"].startswith("full/")}
+        scores[v] = metrics.scores(acc, None if full_source is None else [full["top1"][v]] * len(seeds))
     report = {
         "config": {**cli.args_dict(args), "seeds_used": seeds, "augmentation": spec.as_dict(),
-                   "augmentation_seed": aug_seed, "student": args.student},
-        "label_settings": settings, "teacher_val_top1": teacher_top1,
-        "teacher_arch": (teacher_art or {}).get("model_args", {}).get("arch") if teacher_art else None,
-        "hlr_note": "acc(full data, hard) is the teacher's val top-1 (a stand-in for a student trained on "
-                    "the full training set with hard labels)",
-        "random_subset_indices": upstream["random_subset"], "world_size": world.size,
-        "runs": runs, "metrics": metrics,
-        "upstream": {"synthetic": synthetic_path, "synthetic_sha256": artifacts.sha256_file(synthetic_path)},
-        "versions": artifacts.library_versions(), "wall_time_s": round(time.time() - t0, 1),
+                   "hard_label_augmentation": hard_spec.as_dict(), "augmentation_seed": aug_seed,
+                   "student": args.student},
+        "label_settings": settings, "teacher_val_top1": teacher_top1, "teacher_arch": teacher_arch(teacher_art),
+        "full_data": full, "random_subset_indices": {str(j.seed): j.iset.indices for j in jobs if j.key == "random/hard"},
+        "world_size": world.size, "runs": runs,
+        "metrics": scores["last"], "metrics_best": scores["best"], "formulas": metrics.FORMULAS,
+        "upstream": {"synthetic": synthetic_path, "synthetic_sha256": sha},
+        "versions": {k: str(v) for k, v in artifacts.library_versions().items()},
+        "wall_time_s": round(time.time() - t0, 1),
     }
     report["config"]["seeds"] = args.seeds
-    report["versions"] = {k: str(v) for k, v in report["versions"].items()}
-    table = markdown(report)
+    table = metrics.markdown(report)
     if world.is_main:
         os.makedirs(args.out, exist_ok=True)
         _atomic_write(paths.results_json, json.dumps(report, indent=1, default=str))
@@ -523,6 +526,105 @@ def run(args, info, world, device, t0):
     log(f"[evaluate] wrote {paths.results_json} and {paths.results_md} in {time.time() - t0:.1f}s")
     dist.barrier(world)
     return report
+
+
+def check_flags(args) -> None:
+    """Bad flag values, refused before anything is read or written."""
+    if args.seeds < 1:
+        cli.fail(f"--seeds must be at least 1, got {args.seeds}.")
+    if args.student not in models.student_names():
+        cli.fail(f"--student {args.student!r} is not an architecture this project can build. Valid names: the "
+                 f"project's {', '.join(models.ARCHES)}; torchvision's classification models "
+                 f"{', '.join(n for n in models.torchvision_students() if n not in models.ARCHES)}.")
+    if args.full_data_acc is not None and not 0.0 <= args.full_data_acc <= 100.0:
+        cli.fail(f"--full-data-acc {args.full_data_acc:g} is outside [0, 100]: it is the full-data hard-label "
+                 "top-1 accuracy in percent (e.g. --full-data-acc 56.5).")
+
+
+def full_data_source(args, bases: dict):
+    """Where HLR's acc(full data, hard) comes from: 'user' (--full-data-acc), 'teacher' (asked for),
+    'student' (the full-data student, --baseline full), or None (no HLR, no LRS)."""
+    if args.full_data_acc is not None:
+        return "user"
+    if args.hlr_reference == "teacher":
+        return "teacher"
+    return "student" if "full" in bases else None
+
+
+def teacher_arch(teacher_art):
+    return (teacher_art or {}).get("model_args", {}).get("arch") if teacher_art else None
+
+
+@dataclass
+class Job:
+    """One student to train (or keep, when its file under students/ has this fingerprint)."""
+    key: str
+    seed: int
+    iset: subsets.ImageSet
+    source: object          # StoredLabels / OnlineLabels, or None for hard labels
+    spec: augment.AugmentSpec
+    plan: augment.ReplayPlan
+    images_desc: str
+    label_desc: str
+    path: str = ""
+    fingerprint: str = ""
+
+
+def student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, plain, hard_spec, aug_seed,
+                 compression, full_source, upstream) -> list:
+    """Every student of this run, grouped by configuration, seeds in order: the distilled set (soft, hard,
+    and without augmentation for --ars), each baseline's sets (a new one per seed for `random`), and the
+    full-data student once (with --seed) when it is HLR's reference."""
+    topk, precision, rank = compression
+    comp = softlabels.describe(topk, precision or ("fp16" if topk or rank else "fp32"), rank)
+    loss_desc = f"T = {args.temperature:g}" if args.loss == "kl" else f"MSE + {args.gt_weight:g} CE"
+    soft_desc = {"stored": "soft, stored", "online": "soft, teacher online", "hard": "hard"}[args.labels]
+    hard_desc = "hard, soft recipe's augmentation (--hard-label-aug)" if args.hard_label_aug else \
+        "hard, no augmentation (DD-Ranking)"
+    online = lambda: OnlineLabels(teacher, info.num_classes, topk, precision, rank)  # noqa: E731
+    plan_for = lambda iset: augment.ReplayPlan(len(iset), args.batch_size, aug_seed)  # noqa: E731
+    jobs = []
+
+    def add(key, seed, iset, source, sp, images_desc, label_desc, depends):
+        plan = plan_for(iset)
+        jobs.append(Job(key, seed, iset, source, sp, plan, images_desc, label_desc,
+                        student_path(paths, key, seed, args.student),
+                        student_fingerprint(args, key, seed, depends)))
+
+    soft = args.labels != "hard"
+    distilled_soft = (StoredLabels(paths.labels, settings, augment.ReplayPlan(len(syn), args.batch_size, aug_seed))
+                      if args.labels == "stored" else online) if soft else None
+    for s in seeds:
+        if soft:
+            add("distilled/soft", s, syn, distilled_soft if args.labels == "stored" else online(), spec, "distilled",
+                f"{soft_desc} ({comp}), {loss_desc}", upstream)
+    for s in seeds:
+        add("distilled/hard", s, syn, None, hard_spec, "distilled", hard_desc, upstream)
+    if args.ars and soft:
+        for s in seeds:
+            add("distilled/soft-noaug", s, syn, online(), plain, "distilled",
+                f"soft, teacher online ({comp}), no augmentation (ARS), {loss_desc}", upstream)
+    for name, base in bases.items():
+        if name == "full":
+            continue
+        sets = {s: base.build(info, args, syn.ipc, s) for s in seeds}
+        label_kinds = [k for k in base.labels if soft or k == "hard"]
+        for kind in label_kinds + (["soft-noaug"] if args.ars and "soft" in label_kinds else []):
+            for s in seeds:
+                dep = {**upstream, "images": sets[s].indices}
+                if kind == "soft":
+                    add(f"{name}/soft", s, sets[s], online(), spec, base.describe,
+                        f"soft, teacher online ({comp}, as distilled), {loss_desc}", dep)
+                elif kind == "hard":
+                    add(f"{name}/hard", s, sets[s], None, hard_spec, base.describe, hard_desc, dep)
+                else:
+                    add(f"{name}/soft-noaug", s, sets[s], online(), plain, base.describe,
+                        f"soft, teacher online ({comp}), no augmentation (ARS), {loss_desc}", dep)
+    if full_source == "student":
+        full = bases["full"].build(info, args, syn.ipc, args.seed)
+        add("full/hard", args.seed, full, None, hard_spec, bases["full"].describe, hard_desc,
+            {"augmentation": hard_spec.as_dict(), "images": len(full), "dataset": info.name})
+    return jobs
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -153,22 +154,41 @@ def test_missing_labels_say_what_to_run(digits_run, tmp_path):
 
 def test_end_to_end_two_epochs(labelled, capsys):
     report = run_stage(evaluate, ["--dataset", "digits", "--ipc", 10, "--out", labelled, "--seeds", 2,
-                                  "--baseline", "random", "--eval-every", 2])
+                                  "--baseline", "random,full", "--eval-every", 1, "--ars"])
     keys = [r["key"] for r in report["runs"]]
-    assert keys == ["distilled/soft", "distilled/hard", "random/soft", "random/hard"]
+    assert keys == ["distilled/soft", "distilled/hard", "distilled/soft-noaug", "random/soft", "random/hard",
+                    "random/soft-noaug", "full/hard"]
     for r in report["runs"]:
-        assert [x["seed"] for x in r["per_seed"]] == [0, 1]
+        assert [x["seed"] for x in r["per_seed"]] == ([0] if r["key"] == "full/hard" else [0, 1])
         assert all(0 <= x["top1"] <= x["top5"] <= 100 for x in r["per_seed"])
-        assert [h["epoch"] for h in r["per_seed"][0]["history"]] == [2]
-    m = report["metrics"]
+        assert [h["epoch"] for h in r["per_seed"][0]["history"]] == [1, 2]
+        assert all(x["best_top1"] == max(h["top1"] for h in x["history"]) for x in r["per_seed"])
     acc = {r["key"]: [x["top1"] for x in r["per_seed"]] for r in report["runs"]}
+    best = {r["key"]: [x["best_top1"] for x in r["per_seed"]] for r in report["runs"]}
+    m, mb = report["metrics"], report["metrics_best"]
     assert m["IOR"]["per_seed"] == pytest.approx([a - b for a, b in zip(acc["distilled/soft"], acc["random/soft"])])
-    teacher_top1 = artifacts.load(artifacts.run_paths(labelled).teacher)["meta"]["val_top1"]
-    assert report["teacher_val_top1"] == teacher_top1
-    assert m["HLR"]["mean"] == pytest.approx(teacher_top1 - sum(acc["distilled/hard"]) / 2)
+    assert mb["IOR"]["per_seed"] == pytest.approx([a - b for a, b in zip(best["distilled/soft"], best["random/soft"])])
+    # HLR: the full-data student of the evaluation architecture (not the teacher), paired with every seed
+    full = acc["full/hard"][0]
+    assert report["full_data"]["source"] == "student"
+    assert m["HLR"]["per_seed"] == pytest.approx([full - a for a in acc["distilled/hard"]])
+    for v, scores in (("last", m), ("best", mb)):
+        for s, (ior, hlr) in enumerate(zip(scores["IOR"]["per_seed"], scores["HLR"]["per_seed"])):
+            alpha = 0.5 * ior / 100 - 0.5 * hlr / 100
+            assert scores["LRS"]["per_seed"][s] == pytest.approx(100 * (math.exp(alpha) - math.exp(-1)) /
+                                                                 (math.e - math.exp(-1)))
+    wo = [a - b for a, b in zip(acc["distilled/soft-noaug"], acc["random/soft-noaug"])]
+    assert m["W/O"]["per_seed"] == pytest.approx(wo) and "ARS" in m
+    # a new random subset per seed, recorded
+    subsets_by_seed = report["random_subset_indices"]
+    assert set(subsets_by_seed) == {"0", "1"} and subsets_by_seed["0"] != subsets_by_seed["1"]
     paths = artifacts.run_paths(labelled)
     saved = json.load(open(paths.results_json))
     assert saved["runs"][0]["per_seed"][1]["top1"] == report["runs"][0]["per_seed"][1]["top1"]
+    assert saved["random_subset_indices"] == subsets_by_seed
     table = open(paths.results_md).read()
-    assert "IOR" in table and "HLR" in table and "random real" in table and "stand-in" in table
+    for word in ("IOR", "HLR", "LRS", "ARS", "random real (new subset per seed)", "full training set", "seed 1",
+                 "best epoch", "(e^α − e^−1) / (e − e^−1)"):
+        assert word in table, word
+    assert "stand-in" not in table.lower()
     assert table in capsys.readouterr().out

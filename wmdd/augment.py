@@ -66,6 +66,14 @@ def spec_for(info, source_size: int | None = None, cutmix: bool = True) -> Augme
                        scale=tuple(float(v) for v in info.crop_scale), flip=bool(info.flip), cutmix=cutmix)
 
 
+def plain_spec(info, source_size: int | None = None) -> AugmentSpec:
+    """No augmentation: the whole image (resized to the model input when stored at another size), no
+    flip, no CutMix; only the per-epoch shuffle remains. DD-Ranking's hard-label students
+    (use_aug_for_hard=False) and ARS's "without augmentation" students train on these."""
+    return AugmentSpec(source_size=int(source_size or info.image_size), out_size=int(info.image_size),
+                       scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, cutmix=False)
+
+
 def _mix(*values: int) -> int:
     """A 63-bit seed from integers (blake2b): distinct (seed, epoch, batch) never share a stream."""
     h = hashlib.blake2b("/".join(str(int(v)) for v in values).encode(), digest_size=8).digest()
@@ -216,10 +224,13 @@ def apply_batch(images: torch.Tensor, params: BatchParams, spec: AugmentSpec, me
     x = images[idx]
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     H, W = x.shape[-2:]
-    ry = resize_matrices(params.crop[:, 0], params.crop[:, 2], H, S).to(x.device)
-    rx = resize_matrices(params.crop[:, 1], params.crop[:, 3], W, S)
-    rx = torch.where(params.flip[:, None, None], rx.flip(1), rx).to(x.device)
-    x = torch.matmul(torch.matmul(ry[:, None], x), rx.transpose(1, 2)[:, None])
+    whole = torch.tensor([0, 0, H, W], dtype=params.crop.dtype)
+    if not (H == W == S and not bool(params.flip.any()) and bool((params.crop == whole).all())):
+        # (else every crop is the whole image at the output size: the resize matrices are the identity)
+        ry = resize_matrices(params.crop[:, 0], params.crop[:, 2], H, S).to(x.device)
+        rx = resize_matrices(params.crop[:, 1], params.crop[:, 3], W, S)
+        rx = torch.where(params.flip[:, None, None], rx.flip(1), rx).to(x.device)
+        x = torch.matmul(torch.matmul(ry[:, None], x), rx.transpose(1, 2)[:, None])
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - m) / s

@@ -28,3 +28,18 @@ def validate(model, loader, device, progress: bool = True, desc: str = "validate
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The shuffling generator of one epoch: a resumed run draws the same order as an uninterrupted one."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def in_memory(dataset, max_bytes: int = 1 << 29):
+    """`dataset` (items (float tensor, int label)) transformed once and held as tensors when its pixels fit
+    in `max_bytes`: a student validated every few epochs then skips the per-image transforms (the
+    tensors are the same, so the accuracies are too). Larger datasets are returned as they are."""
+    from torch.utils.data import TensorDataset
+
+    if len(dataset) == 0:
+        return dataset
+    x0 = dataset[0][0]
+    if len(dataset) * x0.numel() * x0.element_size() > max_bytes:
+        return dataset
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return TensorDataset(torch.stack(xs), torch.as_tensor(ys, dtype=torch.int64))

@@ -9,6 +9,23 @@
   -> avgpool 2], then a linear classifier on the flattened map (the CPU-size teacher/student).
 - ``vit_tiny``: torchvision's VisionTransformer (12 layers, 3 heads, 192 wide), for the cross-architecture
   table. It has no BatchNorm, so it can be a student but not a WMDD teacher.
+
+Students (evaluate ``--student``) may also be any classification model of torchvision's registry
+(``torchvision.models.list_models(module=torchvision.models)``: mobilenet_v2, efficientnet_b0, densenet121,
+swin_t, vit_b_16, ...), untrained, with ``num_classes`` outputs. With the ``small`` stem (inputs of 32 or
+64 px) the first downsampling is removed so that a 32-px image does not shrink to nothing, per family:
+
+- ResNet / ResNeXt / Wide-ResNet: conv1 -> 3x3 stride 1 padding 1, no maxpool (as SRe2L / RDED at 32-64 px);
+  ``tiny224`` gives them WMDD's 3x3 s2 p3 stem without maxpool.
+- MobileNetV2/V3, EfficientNet(V2), MNASNet, RegNet: the stem conv's stride 2 -> 1.
+- ShuffleNetV2: conv1 stride 2 -> 1 and no maxpool. DenseNet: conv0 (7x7 s2) -> 3x3 s1 p1 and no pool0.
+- SqueezeNet: the first conv's stride 2 -> 1. GoogLeNet: conv1 stride 2 -> 1 and no maxpool1
+  (built without auxiliary heads, as is Inception-v3).
+- ViT (vit_b_16, ...): the same depth and width rebuilt for the input size with patch 4 (32 px) or 8 (64 px),
+  as ``vit_tiny``.
+- VGG, AlexNet, ConvNeXt, Swin, MaxViT, Inception-v3: unchanged (their pooling adapts, or they need
+  larger inputs); a model that cannot take the input size is refused with a clear message.
+Every other stem (``imagenet``, and ``tiny224`` outside the ResNets) leaves torchvision's model as built.
 """
 from __future__ import annotations
 
@@ -18,6 +35,16 @@ from torch import nn
 
 ARCHES = ("resnet18", "resnet50", "resnet101", "convnet", "vit_tiny")
 STEMS = ("imagenet", "tiny224", "small")
+
+
+def torchvision_students() -> list:
+    """Names of torchvision's classification models (its registry), usable as evaluate students."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def student_names() -> list:
+    """Every valid evaluate --student: the project's architectures, then torchvision's registry."""
+    return list(ARCHES) + [n for n in torchvision_students() if n not in ARCHES]
 
 
 class ConvNet(nn.Module):
@@ -53,18 +80,60 @@ def build_model(arch: str, num_classes: int, stem: str = "imagenet", image_size:
         return torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch, num_layers=12,
                                                     num_heads=3, hidden_dim=192, mlp_dim=768,
                                                     num_classes=num_classes)
-    if arch not in ("resnet18", "resnet50", "resnet101"):
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHES}")
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-    if stem == "tiny224":
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=3, bias=False)
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+    if arch not in ARCHES and arch not in torchvision_students():
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {student_names()}")
+    if arch.startswith("vit_") and stem == "small":
+        return _small_vit(arch, num_classes, image_size)
+    extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
+    if isinstance(model, torchvision.models.ResNet) and stem in ("tiny224", "small"):
+        stride, padding = (2, 3) if stem == "tiny224" else (1, 1)
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=stride, padding=padding, bias=False)
         model.maxpool = nn.Identity()
     elif stem == "small":
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    elif stem != "imagenet":
-        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+        _small_stem(model)
     return model
+
+
+def _unstride(conv: nn.Conv2d) -> None:
+    conv.stride = (1, 1)
+
+
+def _small_stem(model: nn.Module) -> None:
+    """The small-input stem of a torchvision family other than ResNet (see the module docstring)."""
+    tv = torchvision.models
+    if isinstance(model, (tv.MobileNetV2, tv.MobileNetV3, tv.EfficientNet)):
+        _unstride(model.features[0][0])
+    elif isinstance(model, tv.MNASNet):
+        _unstride(model.layers[0])
+    elif isinstance(model, tv.RegNet):
+        _unstride(model.stem[0])
+    elif isinstance(model, tv.ShuffleNetV2):
+        _unstride(model.conv1[0])
+        model.maxpool = nn.Identity()
+    elif isinstance(model, tv.DenseNet):
+        conv0 = model.features.conv0
+        model.features.conv0 = nn.Conv2d(3, conv0.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.features.pool0 = nn.Identity()
+    elif isinstance(model, tv.SqueezeNet):
+        _unstride(model.features[0])
+    elif isinstance(model, tv.GoogLeNet):
+        _unstride(model.conv1.conv)
+        model.maxpool1 = nn.Identity()
+
+
+def _small_vit(arch: str, num_classes: int, image_size: int) -> nn.Module:
+    """A torchvision ViT's depth and width for small inputs: patch 4 (< 64 px) or 8, as vit_tiny."""
+    layers, heads, hidden, mlp = _VIT_SIZES[arch.split("_")[1]]
+    return torchvision.models.VisionTransformer(
+        image_size=image_size, patch_size=8 if image_size >= 64 else 4, num_layers=layers, num_heads=heads,
+        hidden_dim=hidden, mlp_dim=mlp, num_classes=num_classes)
+
+
+# torchvision's ViT builders: (layers, heads, hidden, MLP) of vit_b_*, vit_l_*, vit_h_*
+_VIT_SIZES = {"b": (12, 12, 768, 3072), "l": (24, 16, 1024, 4096), "h": (32, 16, 1280, 5120)}
 
 
 def build_from_spec(spec: dict) -> nn.Module:

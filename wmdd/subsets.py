@@ -4,6 +4,8 @@ not normalised, class-major), int64 labels [N], float32 barycenter weights [N] (
 - `load_synthetic`: recover's `synthetic.pt`, checked against the dataset, the teacher and --ipc.
 - `random_real_subset`: IPC real training images per class drawn with a seeded generator, at the model
   input size (eval transform), quantised to uint8 like the synthetic images: DD-Ranking's random baseline.
+- `full_training_set`: every real training image (held in memory when small, else read on demand):
+  the full-data hard-label student's set (DD-Ranking's HLR reference).
 - `default_batch_size`: the relabel / evaluate batch (run.sh: 100, or 10 * IPC when IPC < 10 except on
   Tiny-ImageNet and ImageNet-1K).
 """
@@ -96,6 +98,35 @@ def random_real_subset(info, args, ipc: int, seed: int) -> ImageSet:
     images = torch.stack([_to_uint8(info, ds[i][0]) for i in chosen])
     return ImageSet(images, torch.tensor(labels, dtype=torch.int64), torch.full((len(labels),), 1.0 / ipc),
                     ipc, f"random real subset (seed {seed})", chosen)
+
+
+class DatasetImages:
+    """A dataset's images as uint8 [N, 3, S, S], read on demand: `view[index_tensor]` loads those images
+    (eval transform, quantised as `random_real_subset`). Stands in for the image tensor of a set too
+    large to hold in memory (augment.apply_batch only indexes it)."""
+    device = torch.device("cpu")
+
+    def __init__(self, dataset, info):
+        self.dataset, self.info = dataset, info
+        self.shape = (len(dataset), 3, info.image_size, info.image_size)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.stack([_to_uint8(self.info, self.dataset[int(i)][0]) for i in index.flatten()])
+
+
+def full_training_set(info, args, in_memory_bytes: int = 1 << 30) -> ImageSet:
+    """Every real training image with its class label, uniform weights; in memory up to
+    `in_memory_bytes` of uint8 pixels, read from the dataset on demand beyond."""
+    ds = data.build_dataset(info, args, "train", augment=False)
+    labels = torch.as_tensor(list(ds.targets), dtype=torch.int64)
+    view = DatasetImages(ds, info)
+    images = view[torch.arange(len(ds))] if len(ds) * 3 * info.image_size ** 2 <= in_memory_bytes else view
+    ipc = int(torch.bincount(labels, minlength=info.num_classes).max())
+    return ImageSet(images, labels, torch.full((len(ds),), 1.0 / ipc), ipc, "full training set",
+                    list(range(len(ds))))
 
 
 def _to_uint8(info, x: torch.Tensor) -> torch.Tensor:
