@@ -293,21 +293,23 @@ def caption(record: dict, info) -> str:
 
 
 def figure4(run: str, compare: dict | None = None, *, out_dir: str | None = None, recipe: Recipe = Recipe(),
-            arch: str | None = None, ipc: int | None = None, seed: int = 0, device=None,
-            progress: bool = True) -> dict:
+            arch: str | None = None, ipc: int | None = None, real_per_class: int | None = None, seed: int = 0,
+            device=None, progress: bool = True) -> dict:
     """The paper's Fig. 4 and the independent-space diversity for run directories (the paper harness's entry).
 
     `run`: a run directory with synthetic.pt; `compare`: name -> other run directories of the same dataset
     (e.g. {"SRe2L": "runs/demo/sre2l"}). Trains (or loads from `run`/embedding_model.pt) the embedding
     model on the real training images + every synthetic set, and writes into `out_dir` (default `run`)
     `tsne_independent.png` and `diversity_independent.json`. The random real subset has `ipc` images per
-    class (default: the run's IPC), drawn as evaluate's baseline with `seed`. Returns
+    class (default: the run's IPC), drawn as evaluate's baseline with `seed`. The real training images are
+    held in memory as uint8 (ImageNette at 224 px: 1.4 GB); `real_per_class` keeps a seeded choice of that
+    many per class instead (ImageNet-1K). Returns
     {"tsne": png path, "diversity": {set: value}, "caption": str, "diversity_caption": str,
      "record": the embedding model's record (arch, recipe, train_size, real_size, synthetic_sizes, val_top1,
      train_s, fingerprint, cached), "model": cache path}."""
     info, args, sets = load_sets(run, compare)
     ipc = ipc or next(iter(sets.values())).ipc
-    return independent_view(info, args, sets, real_images(info, args, "train"),
+    return independent_view(info, args, sets, real_images(info, args, "train", real_per_class, seed),
                             subsets.random_real_subset(info, args, ipc, seed), run, out_dir=out_dir,
                             recipe=recipe, arch=arch, seed=seed, device=device, progress=progress)
 

@@ -219,7 +219,8 @@ def main(argv=None):
     p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN_DIR",
                    help="another run (its synthetic.pt, and results.json for --write) to place beside this one")
     p.add_argument("--write", default=None, metavar="REPORT_MD", help="also write a markdown report here")
-    p.add_argument("--real-per-class", type=int, default=None, help="real images per class (default: IPC)")
+    p.add_argument("--real-per-class", type=int, default=None,
+                   help="images per class of the random real subset (images.png, diversity; default: IPC)")
     a = p.parse_args(argv)
     from wmdd import cli
 
