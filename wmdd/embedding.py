@@ -285,7 +285,7 @@ def caption(record: dict, info) -> str:
     syn = " + ".join(f"{name} ({n} images)" for name, n in record["synthetic_sizes"].items())
     val = "" if record.get("val_top1") is None else f", real validation top-1 {record['val_top1']:.2f}%"
     return (f"Features of a fresh {record['arch']} (seed {r['seed']}; not the teacher, whose feature space the "
-            f"barycenter loss optimises), trained for {r['epochs']} epochs with hard labels and cross-entropy, no "
+            f"barycenter loss optimises), trained for {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''} with hard labels and cross-entropy, no "
             f"augmentation, on {record['train_size']} images: the {record['real_size']} real training images + "
             f"{syn}{val}. Every set enters it through the same transform: uint8 {info.image_size}x"
             f"{info.image_size} px (real images: the eval transform, then quantised, as the random real "

@@ -79,7 +79,7 @@ def build(run: str, compare: dict | None = None, per_class: int | None = None, s
     `recipe` is the embedding model's (wmdd/embedding.py)."""
     paths = artifacts.run_paths(run)
     info, args, sets = embedding.load_sets(run, compare)
-    teacher, _ = models.load_teacher(paths.teacher, info)
+    teacher, teacher_artifact = models.load_teacher(paths.teacher, info)
     own = next(iter(sets.values()))
     n_real = per_class or own.ipc
     real = embedding.real_images(info, args, "train")
@@ -97,7 +97,7 @@ def build(run: str, compare: dict | None = None, per_class: int | None = None, s
                                         os.path.join(run, "tsne.png"), info.classes,
                                         "t-SNE of the teacher's penultimate features (the space the barycenter "
                                         "loss optimises)", seed)
-    out["tsne_caption"] = teacher_caption(info, run)
+    out["tsne_caption"] = teacher_caption(info, teacher_artifact["model_args"]["arch"])
 
     # an independent space: a fresh model trained on real + synthetic (the paper's Fig. 4)
     fig4 = embedding.independent_view(info, args, sets, real, random_real, run, recipe=recipe, seed=seed)
@@ -108,9 +108,9 @@ def build(run: str, compare: dict | None = None, per_class: int | None = None, s
     return out
 
 
-def teacher_caption(info, run: str) -> str:
-    return (f"Features of the teacher ({info.arch}, {os.path.join(run, 'teacher.pt')}, trained by squeeze.py on "
-            "the real training set): the space the barycenters are computed in and recover's loss matches, so "
+def teacher_caption(info, arch: str) -> str:
+    return (f"Features of the teacher (the run's teacher.pt, a {arch} trained by squeeze.py on the real "
+            "training set): the space the barycenters are computed in and recover's loss matches, so "
             "how the synthetic sets spread here is partly the objective itself (circular as evidence of "
             f"diversity). Same transform for every set: uint8 {info.image_size}x{info.image_size} px, / 255, "
             "normalised.")
