@@ -105,3 +105,8 @@ def test_cache_is_reused_and_retrained_when_a_set_changes(digits, tmp_path):
     _, rec4 = embedding.train_embedding_model(info, args, real, {"WMDD": changed}, cache=cache, progress=False,
                                               recipe=embedding.Recipe(epochs=1, batch_size=64, seed=1))
     assert not rec4["cached"]  # another recipe
+    with open(cache, "wb") as fh:
+        fh.write(b"torn")  # a torn cache file is trained again and replaced, not an error
+    _, rec5 = embedding.train_embedding_model(info, args, real, syn, recipe=FAST, cache=cache, progress=False)
+    assert not rec5["cached"] and rec5["fingerprint"] == rec1["fingerprint"]
+    assert embedding.train_embedding_model(info, args, real, syn, recipe=FAST, cache=cache, progress=False)[1]["cached"]

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wmdd import artifacts, data, models, subsets
+from wmdd.cli import UserError
 
 CACHE_NAME = "embedding_model.pt"
 SHOWN_CLASSES = 10  # t-SNE panels show the first 10 classes (the paper's ImageNette has 10)
@@ -134,7 +135,11 @@ def train_embedding_model(info, args, real: subsets.ImageSet, synthetic: dict, *
     spec = models.model_spec(arch, info.num_classes, info.stem, info.image_size)
     fp = fingerprint(info, arch, recipe, real, synthetic)
     if cache is not None and os.path.isfile(cache):
-        stored = artifacts.load(cache, stage="embedding")
+        try:
+            stored = artifacts.load(cache, stage="embedding")
+        except UserError as e:  # a torn or foreign cache file is only a cache: train again and replace it
+            print(f"note: not using {cache} ({str(e).split('. ')[0]}); training the embedding model again")
+            stored = {}
         if stored.get("fingerprint") == fp:
             model = models.build_from_spec(stored["model_args"])
             model.load_state_dict(stored["model"])
