@@ -151,7 +151,8 @@ def train_embedding_model(info, args, real: subsets.ImageSet, synthetic: dict, *
     train_set = torch.utils.data.TensorDataset(images, labels)
     torch.manual_seed(recipe.seed)
     model = models.build_from_spec(spec).to(device)
-    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=len(train_set) > recipe.batch_size,
+    loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True,
+                        drop_last=len(train_set) > recipe.batch_size,
                         generator=torch.Generator().manual_seed(recipe.seed))
     steps = recipe.epochs * len(loader)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -287,14 +288,16 @@ def load_sets(run: str, compare: dict | None = None):
 def caption(record: dict, info) -> str:
     """What the independent-space picture and numbers are: which model, trained on what, which transform."""
     r = record["recipe"]
+    epochs = f"{r['epochs']} epoch{'s' if r['epochs'] != 1 else ''}"
     syn = " + ".join(f"{name} ({n} images)" for name, n in record["synthetic_sizes"].items())
     val = "" if record.get("val_top1") is None else f", real validation top-1 {record['val_top1']:.2f}%"
     return (f"Features of a fresh {record['arch']} (seed {r['seed']}; not the teacher, whose feature space the "
-            f"barycenter loss optimises), trained for {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''} with hard labels and cross-entropy, no "
-            f"augmentation, on {record['train_size']} images: the {record['real_size']} real training images + "
-            f"{syn}{val}. Every set enters it through the same transform: uint8 {info.image_size}x"
-            f"{info.image_size} px (real images: the eval transform, then quantised, as the random real "
-            f"subset), / 255, normalised. As the paper's Fig. 4 (arXiv 2311.18531).")
+            f"barycenter loss optimises), trained for {epochs} with hard labels and cross-entropy, no augmentation, "
+            f"on {record['train_size']} images: the {record['real_size']} real training images + {syn}{val}. "
+            f"Every set enters it through the same transform: uint8 {info.image_size}x{info.image_size} px (real "
+            "images: the eval transform, then quantised, as the random real subset), / 255, normalised. The "
+            "protocol of the paper's Fig. 4 (arXiv 2311.18531: a model trained on real + synthetic data, t-SNE of "
+            "its last-layer features).")
 
 
 def figure4(run: str, compare: dict | None = None, *, out_dir: str | None = None, recipe: Recipe = Recipe(),
