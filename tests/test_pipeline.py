@@ -13,7 +13,7 @@ import evaluate
 import recover
 import relabel
 from tests.conftest import copy_run, run_stage
-from wmdd import artifacts, report
+from wmdd import artifacts, embedding, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = ["--dataset", "digits", "--ipc", "2"]
@@ -41,9 +41,9 @@ def test_pipeline_and_report_numbers_match_results(digits_run, tmp_path):
         assert os.path.exists(f), f
     assert len(os.listdir(os.path.join(paths.images, "9"))) == 2
 
-    pictures = report.build(run, {"SRe2L": sre2l})
+    pictures = report.build(run, {"SRe2L": sre2l}, recipe=embedding.Recipe(epochs=1))
     md = report.write_report(os.path.join(run, "REPORT.md"), {"WMDD": run, "SRe2L": sre2l}, pictures)
-    for key in ("images", "tsne", "recover_loss"):
+    for key in ("images", "tsne", "tsne_independent", "recover_loss"):
         assert os.path.getsize(pictures[key]) > 1000
     text = open(md).read()
     for name, directory in (("WMDD", run), ("SRe2L", sre2l)):
@@ -59,6 +59,16 @@ def test_pipeline_and_report_numbers_match_results(digits_run, tmp_path):
     assert "![tsne](tsne.png)" in text
     div = json.load(open(os.path.join(run, "diversity.json")))
     assert set(div) >= {"WMDD", "SRe2L"}
+    # Fig. 4 and the independent diversity: a model trained on all real images + both synthetic sets
+    assert "![tsne_independent](tsne_independent.png)" in text
+    independent = json.load(open(os.path.join(run, "diversity_independent.json")))
+    record = independent["embedding_model"]
+    n_real = len(embedding.real_images(*embedding.load_sets(run)[:2]))
+    assert record["train_size"] == n_real + 2 * 2 * 10 and record["synthetic_sizes"] == {"WMDD": 20, "SRe2L": 20}
+    assert "not the teacher" in pictures["tsne_independent_caption"] and pictures["tsne_independent_caption"] in text
+    for name, value in independent["diversity"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {value:.3f} | {div[name]:.3f} |" in row
 
 
 def test_stage_scripts_run_when_copied_into_another_repo(digits_run, tmp_path):

@@ -3,14 +3,23 @@
     python -m wmdd.report runs/<dataset>/<name> [--compare SRe2L=runs/<dataset>/sre2l ...] [--write REPORT.md]
 
 writes into the run directory
-- `images.png`: per class (one row each), the synthetic images, a gap, then as many real images of the class;
-- `tsne.png`: t-SNE (scikit-learn) of real and synthetic penultimate features (the paper's Fig. 4);
+- `images.png`: per class (one row each), the synthetic images, a gap, then as many random real images of
+  the class (evaluate's random real baseline, seed 0);
+- `tsne_independent.png`: the paper's Fig. 4 as the paper made it: t-SNE (scikit-learn) of the penultimate
+  features of a fresh model (the preset's architecture, not the teacher) trained with hard labels on the
+  real training images + every synthetic set of the report; one panel per synthetic set (wmdd/embedding.py;
+  the model is cached in `embedding_model.pt` with a fingerprint, so a rerun does not train it again);
+- `tsne.png`: the same picture in the teacher's feature space, the space the barycenter loss optimises;
 - `recover_loss.png`: the recover loss terms over iterations (mean over the recover batches);
-- `diversity.json`: within-class diversity of the synthetic features (mean pairwise L2 distance of the
-  teacher's penultimate features of a class's images, averaged over classes) beside the real data's and a
-  random real subset's of the same size: the paper's "increased variety" claim (§IV-D), measured;
+- `diversity_independent.json` and `diversity.json`: within-class diversity (mean pairwise L2 distance of
+  the penultimate features of a class's images, averaged over classes) of all real training images, a
+  random real subset of the same size and every synthetic set, in the fresh model's space and in the
+  teacher's (circular: the objective's own space): the paper's "increased variety" claim (§IV-D), measured.
+  Every set reaches both models through one transform: uint8 images at the model input size (real ones
+  by the eval transform, quantised as the random real subset), / 255, normalised;
 - with `--write PATH`: a markdown report with the settings, every run's results.json as one table (each
-  method with soft and hard labels, the random real subset, the teacher; IOR and HLR) and the pictures.
+  method with soft and hard labels, the random real subset, the teacher; IOR and HLR), the diversity table
+  and the pictures, each captioned with the model, what it was trained on and the transform.
 """
 from __future__ import annotations
 
@@ -23,53 +32,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
-from wmdd import artifacts, data, models  # noqa: E402
-
-
-def dataset_args(meta: dict) -> argparse.Namespace:
-    """The dataset flags an artifact was made with, enough to rebuild its DatasetInfo."""
-    a = meta["args"]
-    return argparse.Namespace(dataset=a["dataset"], data_dir=a.get("data_dir"), resolution=a.get("resolution"),
-                              download=False, workers=a.get("workers", 0), protocol=a.get("protocol", "wmdd"))
-
-
-@torch.no_grad()
-def image_features(model, images_uint8: torch.Tensor, info, batch_size: int = 256) -> torch.Tensor:
-    """Teacher penultimate features of uint8 images [N, 3, H, W] (normalised as the model expects)."""
-    device = next(model.parameters()).device
-    out = []
-    for chunk in images_uint8.split(batch_size):
-        x = info.normalize(chunk.float().div(255).to(device))
-        out.append(models.penultimate(model, x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def real_images(info, args, per_class: int, seed: int = 0) -> tuple:
-    """`per_class` real training images of every class as uint8 (seeded choice), and their labels."""
-    ds = data.build_dataset(info, args, "train")
-    ds.transform = data.T.Compose([data.T.ToImage(), data.T.ToDtype(torch.float32, scale=True),
-                                   data.T.Resize((info.image_size, info.image_size), antialias=True)])
-    g = torch.Generator().manual_seed(seed)
-    picked, labels = [], []
-    for c, idx in enumerate(data.class_indices(ds.targets, info.num_classes)):
-        for i in torch.randperm(len(idx), generator=g)[:per_class].tolist():
-            picked.append(ds[idx[i]][0])
-            labels.append(c)
-    images = torch.stack(picked).clamp(0, 1).mul(255).add(0.5).to(torch.uint8)
-    return images, torch.tensor(labels)
-
-
-def mean_pairwise_distance(features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Within-class mean pairwise L2 distance, averaged over classes with at least two samples."""
-    per_class = []
-    for c in labels.unique():
-        f = features[labels == c].double()
-        n = f.shape[0]
-        if n >= 2:
-            per_class.append((torch.cdist(f, f).sum() / (n * (n - 1))).item())
-    return sum(per_class) / max(len(per_class), 1)
+from wmdd import artifacts, embedding, models, subsets  # noqa: E402
 
 
 def save_image_grid(rows: list, path: str, min_tile: int = 48) -> str:
@@ -85,35 +49,6 @@ def save_image_grid(rows: list, path: str, min_tile: int = 48) -> str:
     if x.shape[-1] < min_tile:
         x = torch.nn.functional.interpolate(x, scale_factor=-(-min_tile // x.shape[-1]), mode="nearest")
     save_image(make_grid(x, nrow=width, padding=2, pad_value=1.0), path)
-    return path
-
-
-def tsne_plot(real_f, real_y, syn: dict, path: str, class_names, seed: int = 0) -> str:
-    """t-SNE of real features (dots) and each synthetic set's (markers), coloured by class."""
-    from sklearn.manifold import TSNE
-
-    blocks = [real_f] + [f for f, _ in syn.values()]
-    allf = torch.cat(blocks).numpy()
-    emb = TSNE(n_components=2, init="pca", random_state=seed,
-               perplexity=min(30.0, max(5.0, (allf.shape[0] - 1) / 4))).fit_transform(allf)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
-    n = real_f.shape[0]
-    ax.scatter(emb[:n, 0], emb[:n, 1], c=[cmap(int(c) % cmap.N) for c in real_y], s=6, alpha=0.35)
-    markers = ["*", "P", "X", "D"]
-    start = n
-    for (name, (f, y)), marker in zip(syn.items(), markers):
-        e = emb[start:start + f.shape[0]]
-        ax.scatter(e[:, 0], e[:, 1], c=[cmap(int(c) % cmap.N) for c in y], s=90, marker=marker,
-                   edgecolors="black", linewidths=0.6, label=name)
-        start += f.shape[0]
-    ax.legend(loc="best", fontsize=8)
-    ax.set_title("t-SNE of teacher features: real (dots) and synthetic")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -136,61 +71,52 @@ def loss_plot(loss_curve: dict, path: str, title: str = "recover loss") -> str:
     return path
 
 
-def build(run: str, compare: dict | None = None, per_class: int | None = None, seed: int = 0) -> dict:
-    """Write images.png, tsne.png, recover_loss.png and diversity.json into `run`. Returns their paths and
-    the diversity numbers. `compare` adds other run directories (name -> dir with synthetic.pt made with the
-    same dataset) to the t-SNE and diversity."""
+def build(run: str, compare: dict | None = None, per_class: int | None = None, seed: int = 0,
+          recipe: embedding.Recipe = embedding.Recipe()) -> dict:
+    """Write images.png, the two t-SNE pictures, recover_loss.png and the two diversity JSON files into
+    `run`. Returns their paths, both spaces' diversity numbers and the captions. `compare` adds other run
+    directories (name -> dir with synthetic.pt made with the same dataset) to the t-SNE and diversity;
+    `recipe` is the embedding model's (wmdd/embedding.py)."""
     paths = artifacts.run_paths(run)
-    synthetic = artifacts.load(paths.synthetic, stage="recover")
-    args = dataset_args(synthetic["meta"])
-    info = data.resolve(args)
-    artifacts.check_compatible(synthetic["meta"], info, paths.synthetic)
-    model, _ = models.load_teacher(paths.teacher, info)
-    ipc = int(synthetic["ipc"])
-    n_real = per_class or ipc
-
-    sets = {method_name(synthetic["meta"]): synthetic}
-    for name, other_run in (compare or {}).items():
-        path = artifacts.run_paths(other_run).synthetic
-        other = artifacts.load(path, stage="recover")
-        artifacts.check_compatible(other["meta"], info, path)
-        sets[name] = other
-    syn = {name: (image_features(model, s["images"], info), s["labels"]) for name, s in sets.items()}
-
-    real_u8, real_y = real_images(info, args, n_real, seed)
-    rows = [[synthetic["images"][synthetic["labels"] == c], real_u8[real_y == c]] for c in range(info.num_classes)]
+    info, args, sets = embedding.load_sets(run, compare)
+    teacher, teacher_artifact = models.load_teacher(paths.teacher, info)
+    own = next(iter(sets.values()))
+    n_real = per_class or own.ipc
+    real = embedding.real_images(info, args, "train")
+    random_real = subsets.random_real_subset(info, args, n_real, seed)
+    rows = [[own.images[own.labels == c], random_real.images[random_real.labels == c]] for c in range(info.num_classes)]
     out = {"images": save_image_grid(rows, os.path.join(run, "images.png"))}
 
-    # real features: every training image (features.pt from the barycenter stage when present)
-    if os.path.exists(paths.features):
-        feats = artifacts.load(paths.features)
-        real_f, real_lab = feats["features"].float(), feats["labels"]
-    else:
-        ds = data.build_dataset(info, args, "train")
-        chunks, labs = [], []
-        with torch.no_grad():
-            for x, y in DataLoader(ds, batch_size=256):
-                chunks.append(models.penultimate(model, x).float())
-                labs.append(y)
-        real_f, real_lab = torch.cat(chunks), torch.cat(labs)
-    random_f = image_features(model, real_u8, info)
-    diversity = {"real (all images)": mean_pairwise_distance(real_f, real_lab),
-                 f"random real ({n_real}/class)": mean_pairwise_distance(random_f, real_y)}
-    diversity.update({name: mean_pairwise_distance(f, y) for name, (f, y) in syn.items()})
+    # teacher space: the space the barycenter loss optimises (circular for diversity), same transform
+    every = {"real (all images)": real, f"random real ({n_real}/class)": random_real, **sets}
+    out["diversity"] = embedding.diversity(teacher, every, info)
     with open(os.path.join(run, "diversity.json"), "w") as fh:
-        json.dump(diversity, fh, indent=1)
-    out["diversity"] = diversity
+        json.dump(out["diversity"], fh, indent=1)
+    syn_f = {name: (embedding.features(teacher, s.images, info), s.labels) for name, s in sets.items()}
+    out["tsne"] = embedding.tsne_figure(embedding.features(teacher, real.images, info), real.labels, syn_f,
+                                        os.path.join(run, "tsne.png"), info.classes,
+                                        "t-SNE of the teacher's penultimate features (the space the barycenter "
+                                        "loss optimises)", seed)
+    out["tsne_caption"] = teacher_caption(info, teacher_artifact["model_args"]["arch"])
 
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.cat([idx[torch.randperm(len(idx), generator=g)[:50]]
-                      for idx in (torch.nonzero(real_lab == c).flatten() for c in range(info.num_classes))])
-    out["tsne"] = tsne_plot(real_f[keep], real_lab[keep], syn, os.path.join(run, "tsne.png"), info.classes, seed)
+    # an independent space: a fresh model trained on real + synthetic (the paper's Fig. 4)
+    fig4 = embedding.independent_view(info, args, sets, real, random_real, run, recipe=recipe, seed=seed)
+    out.update(tsne_independent=fig4["tsne"], diversity_independent=fig4["diversity"],
+               tsne_independent_caption=fig4["caption"], embedding_model=fig4["record"])
+    synthetic = artifacts.load(paths.synthetic, stage="recover")
     out["recover_loss"] = loss_plot(synthetic["loss_curve"], os.path.join(run, "recover_loss.png"))
     return out
 
 
-def method_name(meta: dict) -> str:
-    return "SRe2L" if meta["args"].get("sre2l") else "WMDD"
+def teacher_caption(info, arch: str) -> str:
+    return (f"Features of the teacher (the run's teacher.pt, a {arch} trained by squeeze.py on the real "
+            "training set): the space the barycenters are computed in and recover's loss matches, so "
+            "how the synthetic sets spread here is partly the objective itself (circular as evidence of "
+            f"diversity). Same transform for every set: uint8 {info.image_size}x{info.image_size} px, / 255, "
+            "normalised.")
+
+
+method_name = embedding.method_name
 
 
 def _fmt(summary: dict | None) -> str:
@@ -226,6 +152,26 @@ def results_table(results: dict) -> list:
     return lines
 
 
+def diversity_section(pictures: dict) -> list:
+    """Markdown lines: every set's within-class diversity in the independent space and in teacher space."""
+    indep, teacher = pictures.get("diversity_independent"), pictures.get("diversity")
+    if not (indep or teacher):
+        return []
+    names = list(indep or teacher)
+    cell = lambda d, k: "–" if not d or k not in d else f"{d[k]:.3f}"  # noqa: E731
+    lines = ["", "## Within-class diversity", "",
+             "Mean pairwise L2 distance between the penultimate features of a class's images, averaged over "
+             "classes (the paper's \"increased variety\" claim, §IV-D), in two feature spaces. **Independent**: a "
+             "fresh model trained on real + synthetic images, not the teacher (the Fig. 4 model below). "
+             "**Teacher**: the space the barycenter loss optimises, so a synthetic set's spread there is partly "
+             "the objective itself (circular); kept for comparison with earlier reports. Each column compares "
+             "sets within one space; the two columns are not on one scale. Every set enters both models through "
+             "the same transform (uint8 at the model input size, / 255, normalised).", "",
+             "| set | independent space | teacher space (circular) |", "|---|---|---|"]
+    lines += [f"| {k} | {cell(indep, k)} | {cell(teacher, k)} |" for k in names]
+    return lines
+
+
 def write_report(path: str, runs: dict, pictures: dict) -> str:
     """REPORT.md for runs (method name -> run directory with synthetic.pt and results.json)."""
     results = {}
@@ -249,19 +195,18 @@ def write_report(path: str, runs: dict, pictures: dict) -> str:
     lines += [f"- students: {c['student']}, {c['epochs']} epochs, batch {c['batch_size']}, T = {c['temperature']}, "
               f"{c['seeds']} seeds, labels {c['labels']}", "", "## Results", ""]
     lines += results_table(results)
-    div = pictures.get("diversity")
-    if div:
-        lines += ["", "## Within-class diversity of teacher features", "",
-                  "Mean pairwise L2 distance between the penultimate features of a class's images, averaged over "
-                  "classes (the paper's \"increased variety\" claim, §IV-D):", "",
-                  "| set | mean pairwise distance |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in div.items()]
+    lines += diversity_section(pictures)
     lines += ["", "## Pictures", ""]
-    for key, title in (("images", "Synthetic images (left) beside real images of the same class (right)"),
-                       ("tsne", "t-SNE of real (dots) and synthetic (markers) features"),
-                       ("recover_loss", "Recover loss terms")):
+    for key, title, caption_key in (
+            ("images", "Synthetic images (left) beside random real images of the same class (right)", None),
+            ("tsne_independent", "Fig. 4 as the paper made it: t-SNE of a fresh model's features (not the teacher)",
+             "tsne_independent_caption"),
+            ("tsne", "t-SNE of the teacher's features (the space the distillation optimised)", "tsne_caption"),
+            ("recover_loss", "Recover loss terms", None)):
         if key in pictures:
             lines += [f"### {title}", "", f"![{key}]({os.path.relpath(pictures[key], rel)})", ""]
+            if caption_key in pictures:
+                lines += [pictures[caption_key], ""]
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
@@ -274,7 +219,8 @@ def main(argv=None):
     p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN_DIR",
                    help="another run (its synthetic.pt, and results.json for --write) to place beside this one")
     p.add_argument("--write", default=None, metavar="REPORT_MD", help="also write a markdown report here")
-    p.add_argument("--real-per-class", type=int, default=None, help="real images per class (default: IPC)")
+    p.add_argument("--real-per-class", type=int, default=None,
+                   help="images per class of the random real subset (images.png, diversity; default: IPC)")
     a = p.parse_args(argv)
     from wmdd import cli
 
@@ -288,7 +234,8 @@ def main(argv=None):
         print(f"error: {e}")
         raise SystemExit(2)
     for k, v in out.items():
-        print(f"{k}: {v}")
+        if not k.endswith("caption"):
+            print(f"{k}: {v}")
 
 
 if __name__ == "__main__":
