@@ -14,7 +14,9 @@ MSE(s, t) + --gt-weight * CE(s, class labels mixed by CutMix area). AdamW(lr 1e-
 weight decay 0.01 except on BatchNorm / LayerNorm parameters and biases), cosine schedule per epoch,
 --epochs and the batch size of the stored labels (a different --epochs or --batch-size is an error).
 
-Labels (`--labels`): `stored` reads relabel's files (default), `online` runs the teacher on each
+Labels (`--labels`): `stored` reads relabel's files (default: <out>/labels; `--labels-dir` points at
+another run's, e.g. to train students of several architectures on one set, each in its own --out with
+`--synthetic` and `--labels-dir` of that run), `online` runs the teacher on each
 batch (nothing stored; compressed as relabel would when --topk / --rank / --precision are given),
 `hard` is cross-entropy on the class labels (CutMix-mixed by area).
 
@@ -87,6 +89,9 @@ def get_args_parser():
                    help="also train on a random real subset of the same IPC, same recipe (DD-Ranking)")
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default <out>/teacher.pt)")
     g.add_argument("--synthetic", default=None, help="synthetic set (default <out>/synthetic.pt)")
+    g.add_argument("--labels-dir", default=None,
+                   help="relabel's stored labels (default <out>/labels): students of another architecture "
+                        "in their own --out")
     g.add_argument("--val-batch-size", type=int, default=500)
     return p
 
@@ -276,7 +281,7 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
     """sha256 of everything one student's result depends on: a rerun keeps a student file only if equal."""
     config = {k: v for k, v in cli.args_dict(args).items()
               if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
-                           "val_batch_size", "teacher", "synthetic")}
+                           "val_batch_size", "teacher", "synthetic", "labels_dir")}
     blob = json.dumps({"config": config, "key": key, "seed": seed, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -344,30 +349,30 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_label_settings(args, info, syn, paths, teacher_path, synthetic_path):
+def resolve_label_settings(args, info, syn, labels_dir, teacher_path, synthetic_path):
     """With --labels stored: the stored settings, checked against this run. Fills epochs / batch size."""
-    manifest = softlabels.read_manifest(paths.labels)
+    manifest = softlabels.read_manifest(labels_dir)
     settings = manifest["settings"]
     for flag, key in (("epochs", "epochs"), ("batch_size", "batch_size")):
         given = getattr(args, flag)
         if given is not None and given != settings[key]:
             cli.fail(f"--{flag.replace('_', '-')} {given} differs from the stored labels' {key} {settings[key]} "
-                     f"({softlabels.manifest_path(paths.labels)}): a student replays relabel's batches, so both "
+                     f"({softlabels.manifest_path(labels_dir)}): a student replays relabel's batches, so both "
                      f"must match. Drop the flag (it defaults to the stored {settings[key]}), or rerun relabel.py "
                      f"with --{flag.replace('_', '-')} {given}.")
         setattr(args, flag, settings[key])
     if settings["synthetic_sha256"] != artifacts.sha256_file(synthetic_path):
-        cli.fail(f"the labels in {paths.labels} were made from another synthetic set than {synthetic_path} "
+        cli.fail(f"the labels in {labels_dir} were made from another synthetic set than {synthetic_path} "
                  "(sha256 differs): the images changed since relabel. Rerun relabel.py.")
     if os.path.isfile(teacher_path) and settings["teacher_sha256"] != artifacts.sha256_file(teacher_path):
-        cli.fail(f"the labels in {paths.labels} were made by another teacher than {teacher_path} (sha256 "
+        cli.fail(f"the labels in {labels_dir} were made by another teacher than {teacher_path} (sha256 "
                  "differs). Rerun relabel.py with this teacher, or pass --teacher with the one used.")
     if settings["num_images"] != len(syn) or settings["num_classes"] != info.num_classes:
-        cli.fail(f"the labels in {paths.labels} are for {settings['num_images']} images of "
+        cli.fail(f"the labels in {labels_dir} are for {settings['num_images']} images of "
                  f"{settings['num_classes']} classes; {synthetic_path} has {len(syn)} of {info.num_classes}. "
                  "Rerun relabel.py.")
     if settings["augment"].get("version") != augment.AUG_VERSION:
-        cli.fail(f"the labels in {paths.labels} use augmentation version {settings['augment'].get('version')}, "
+        cli.fail(f"the labels in {labels_dir} use augmentation version {settings['augment'].get('version')}, "
                  f"this code replays version {augment.AUG_VERSION}. Rerun relabel.py.")
     settings.setdefault("rank", None)
     for flag in ("topk", "rank", "precision"):
@@ -389,13 +394,14 @@ def run(args, info, world, device, t0):
     paths = artifacts.run_paths(args.out)
     teacher_path = args.teacher or paths.teacher
     synthetic_path = args.synthetic or paths.synthetic
+    labels_dir = args.labels_dir or paths.labels
     if args.seeds < 1:
         cli.fail(f"--seeds must be at least 1, got {args.seeds}.")
 
     syn = subsets.load_synthetic(synthetic_path, info, args.ipc, teacher_path)
     settings = None
     if args.labels == "stored":
-        settings = resolve_label_settings(args, info, syn, paths, teacher_path, synthetic_path)
+        settings = resolve_label_settings(args, info, syn, labels_dir, teacher_path, synthetic_path)
         spec = augment.AugmentSpec.from_dict(settings["augment"])
         aug_seed, topk, precision, rank = settings["seed"], settings["topk"], settings["precision"], settings["rank"]
         if args.no_cutmix and spec.cutmix:
@@ -438,7 +444,7 @@ def run(args, info, world, device, t0):
     loss_desc = f"T = {args.temperature:g}" if args.loss == "kl" else f"MSE + {args.gt_weight:g} CE"
     configs = []  # (key, images label, ImageSet, label source, description)
     if args.labels == "stored":
-        configs.append(("distilled/soft", "distilled", syn, StoredLabels(paths.labels, settings, plan),
+        configs.append(("distilled/soft", "distilled", syn, StoredLabels(labels_dir, settings, plan),
                         f"{soft_desc} ({comp}), {loss_desc}"))
     elif args.labels == "online":
         configs.append(("distilled/soft", "distilled", syn, OnlineLabels(teacher, info.num_classes, topk, precision, rank),
