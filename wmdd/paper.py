@@ -41,7 +41,9 @@ others; the stages resume by themselves (squeeze's checkpoint, recover's and bar
 relabel's epochs, evaluate's students), so a run killed at any moment (SIGKILL included: a stage dies with
 this process) and rerun with the same command ends with the numbers of an uninterrupted run.
 
-`--nproc N` runs every stage under `torchrun --standalone --nproc_per_node N`. `--preset quick` is a
+`--dry-run` prints every command of the plan (marking those already done) and runs none. `--in-process`
+runs each stage's main() in this process on the same flags (no interpreter start-up per stage; the tests
+use it). `--nproc N` runs every stage under `torchrun --standalone --nproc_per_node N`. `--preset quick` is a
 CPU-minutes configuration (the digits demo: see QUICK); every flag given explicitly overrides it. The
 overrides --squeeze-epochs, --iterations and --epochs (relabel and evaluate) pass through to the stages.
 
@@ -111,6 +113,7 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, default=None, help="students per configuration (default 3)")
     p.add_argument("--nproc", type=int, default=1, help="run every stage under torchrun with N processes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="passed to every stage")
+    p.add_argument("--dry-run", action="store_true", help="print every stage command it would run, run none")
     p.add_argument("--in-process", action="store_true",
                    help="run each stage's main() in this process (the same commands and files, without an "
                         "interpreter start-up per stage: small CPU runs and tests); not with --nproc")
@@ -123,7 +126,8 @@ def get_args_parser():
     g.add_argument("--lambda-sweep", default=None, help=f"Fig. 2's lambda_BN values (default {DEFAULT_SWEEP})")
     g.add_argument("--students", default=None,
                    help=f"Table II's students (default {DEFAULT_STUDENTS}; digits: {STUDENTS['digits']})")
-    g.add_argument("--fig-classes", type=int, default=10, help="classes shown in Fig. 6 (the first N)")
+    g.add_argument("--fig-classes", type=int, default=10,
+                   help="classes shown in Figs. 4 and 6 (the first N; also Fig. 4's diversity)")
     return p
 
 
@@ -626,17 +630,22 @@ def draw_fig4(args, cmd: Commands, syn: dict, path: str) -> None:
 
     info = args.info
     model, _ = models.load_teacher(cmd.teacher, info)
+    classes = range(min(args.fig_classes, info.num_classes))  # the first --fig-classes classes
     sets = {}
     for name, p in syn.items():
         s = artifacts.load(p, stage="recover")
-        sets[report.method_name(s["meta"])] = (report.image_features(model, s["images"], info), s["labels"])
+        shown = s["labels"] < len(classes)
+        sets[report.method_name(s["meta"])] = (report.image_features(model, s["images"][shown], info),
+                                               s["labels"][shown])
     feats = artifacts.load(cmd.features, stage="features")
     real_f, real_y = feats["features"].float(), feats["labels"]
     g = torch.Generator().manual_seed(0)
     keep = torch.cat([idx[torch.randperm(len(idx), generator=g)[:50]]
-                      for idx in (torch.nonzero(real_y == c).flatten() for c in range(info.num_classes))])
+                      for idx in (torch.nonzero(real_y == c).flatten() for c in classes)])
     report.tsne_plot(real_f[keep], real_y[keep], sets, path, info.classes)
-    diversity = {"real (all training images)": report.mean_pairwise_distance(real_f, real_y)}
+    real_shown = real_y < len(classes)
+    real_f, real_y = real_f[real_shown], real_y[real_shown]
+    diversity = {"real (all training images of those classes)": report.mean_pairwise_distance(real_f, real_y)}
     diversity.update({name: report.mean_pairwise_distance(f, y) for name, (f, y) in sets.items()})
     with open(os.path.join(args.out, "fig4_diversity.json"), "w") as fh:
         json.dump(diversity, fh, indent=1)
@@ -730,8 +739,10 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
         with open(os.path.join(args.out, "fig4_diversity.json")) as fh:
             diversity = json.load(fh)
         lines += [f"## Fig. 4: t-SNE of real and synthetic features at IPC {k}", "", "![Fig. 4](fig4_tsne.png)", "",
-                  "Features are the teacher's penultimate ones (real: every training image, dots; synthetic: "
-                  "markers). Within-class diversity, mean pairwise L2 distance averaged over classes:", "",
+                  f"The first {min(args.fig_classes, info.num_classes)} classes. Features are the teacher's "
+                  "penultimate ones (real: 50 training images per class, dots; synthetic: markers). Within-class "
+                  "diversity, mean pairwise L2 distance of those features averaged over the classes (real: every "
+                  "training image of the classes):", "",
                   "| set | diversity |", "|---|---|"]
         lines += [f"| {name} | {value:.3f} |" for name, value in diversity.items()]
         lines += commands(f"ipc{k}/wmdd", f"ipc{k}/sre2l")
@@ -809,6 +820,13 @@ def main(args):
     plan = build_plan(args, cmd)
     figures = figure_steps(args, cmd, plan)
     rows = plan.rows + ([Row("figures", figures)] if figures else [])
+    if args.dry_run:
+        ledger = Ledger(os.path.join(args.out, "stages.json"))
+        for row in rows:
+            print(f"# {row.name}")
+            for step in row.steps:
+                print(("# done: " if ledger.done(step) else "") + step.key)
+        return None
     os.makedirs(args.out, exist_ok=True)
     print(f"[paper] {args.dataset} at {args.info.resolution} px into {args.out}: {', '.join(args.only)}; IPC "
           f"{','.join(map(str, args.ipc))} (focus {plan.focus}); {args.seeds} seed(s); {len(rows)} rows", flush=True)
