@@ -35,22 +35,13 @@ test-readme: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
-# The whole method on scikit-learn's digits (no download), WMDD beside SRe2L's recover and a random real
-# subset, ending in runs/demo/REPORT.md. DEMO_IPC=1 make demo for one image per class.
+# The paper's reproduction tool on scikit-learn's digits (no download) with its quick preset: Table I at
+# IPC 10 (WMDD beside a random real subset, soft and hard labels), Fig. 4 and Fig. 6 (WMDD beside SRe2L),
+# ending in runs/demo/PAPER.md. The same code path as `python -m wmdd.paper` for the paper's datasets.
 DEMO     ?= runs/demo
 DEMO_IPC ?= 10
-DIGITS   := --dataset digits --ipc $(DEMO_IPC)
-SHARED   := --teacher $(DEMO)/teacher.pt
 demo: install
-	$(PY) squeeze.py --dataset digits --out $(DEMO)
-	$(PY) barycenter.py $(DIGITS) --out $(DEMO)
-	$(PY) recover.py $(DIGITS) --out $(DEMO)
-	$(PY) relabel.py $(DIGITS) --out $(DEMO)
-	$(PY) evaluate.py $(DIGITS) --out $(DEMO) --seeds 3 --baseline random
-	$(PY) recover.py $(DIGITS) --sre2l --out $(DEMO)/sre2l $(SHARED) --bn-stats $(DEMO)/bn_stats.pt
-	$(PY) relabel.py $(DIGITS) --out $(DEMO)/sre2l $(SHARED)
-	$(PY) evaluate.py $(DIGITS) --out $(DEMO)/sre2l $(SHARED) --seeds 3 --baseline none
-	$(PY) -m wmdd.report $(DEMO) --compare SRe2L=$(DEMO)/sre2l --write $(DEMO)/REPORT.md
+	$(PY) -m wmdd.paper --dataset digits --out $(DEMO) --preset quick --ipc $(DEMO_IPC)
 
 bench: install
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

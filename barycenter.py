@@ -10,9 +10,9 @@ What it does (DESIGN §1 step 2):
    --resolution).
 2. Extracts the teacher's penultimate features (ResNet avgpool output, 512-d for ResNet-18) of every
    real training image with the eval transform, in one batched pass, and caches them as
-   `<out>/features.pt` (features [N, d] float32, labels [N], meta). The cache is reused when it was made
-   from the same teacher.pt (sha256) for the same dataset, class order and resolution;
-   `--recompute-features` ignores it.
+   `<out>/features.pt` (features [N, d] float32, labels [N], meta), or at `--features PATH` (one cache
+   shared by the runs of several IPCs). The cache is reused when it was made from the same teacher.pt
+   (sha256) for the same dataset, class order and resolution; `--recompute-features` ignores it.
 3. For every class c, computes the barycenter of the class's feature cloud with k = --ipc atoms:
    points B_c [k, d], weights w_c [k] and the objective W2^2(B_c, w_c; features of c) (exact, EMD).
    Solvers (wmdd/ot.py has the details):
@@ -115,6 +115,8 @@ def get_args_parser():
                    help="classes per shard (the unit of resume and of work per rank); sinkhorn solves them "
                         "together (memory ~ class-batch x k x n_max floats)")
     g.add_argument("--classes", default=None, help="class range a:b (a shard); default all classes")
+    g.add_argument("--features", default=None,
+                   help="the features cache (default <out>/features.pt): share one between IPCs")
     g.add_argument("--recompute-features", action="store_true", help="ignore a cached features.pt")
     return p
 
@@ -172,19 +174,23 @@ def extract_features(model, dataset, device, batch_size: int, workers: int, prog
     return torch.cat(feats), torch.cat(labels).long()
 
 
-def _cached_features(args, info, paths, teacher_sha, log):
-    """features.pt if it was made from this teacher for this dataset, else None."""
-    if not os.path.exists(paths.features) or args.recompute_features:
+def features_path(args, paths) -> str:
+    return args.features or paths.features
+
+
+def _cached_features(args, info, path, teacher_sha, log):
+    """The features cache at path if it was made from this teacher for this dataset, else None."""
+    if not os.path.exists(path) or args.recompute_features:
         return None
     try:
-        cached = artifacts.load(paths.features, stage="features")
+        cached = artifacts.load(path, stage="features")
         meta = cached["meta"]
-        artifacts.check_compatible(meta, info, paths.features)
+        artifacts.check_compatible(meta, info, path)
     except cli.UserError as e:
-        log(f"[barycenter] not reusing {paths.features}: {e}")
+        log(f"[barycenter] not reusing {path}: {e}")
         return None
     if meta.get("upstream", {}).get("teacher") != teacher_sha:
-        log(f"[barycenter] {paths.features} was made from another teacher: recomputing")
+        log(f"[barycenter] {path} was made from another teacher: recomputing")
         return None
     return cached
 
@@ -198,11 +204,12 @@ def load_or_extract_features(args, info, device, teacher_path, paths, check_labe
     if not os.path.isfile(teacher_path):
         artifacts.load(teacher_path)  # the "does not exist: run squeeze.py first" message
     teacher_sha = artifacts.sha256_file(teacher_path)
-    cached = _cached_features(args, info, paths, teacher_sha, log)
+    cache = features_path(args, paths)
+    cached = _cached_features(args, info, cache, teacher_sha, log)
     if world.enabled and not all(dist.gather_objects(cached is not None, world, group)):
         cached = None  # every rank decides alike
     if cached is not None:
-        log(f"[barycenter] reusing {paths.features} ({tuple(cached['features'].shape)} features)")
+        log(f"[barycenter] reusing {cache} ({tuple(cached['features'].shape)} features)")
         if check_labels is not None:
             check_labels(cached["labels"].tolist())
         return cached
@@ -230,8 +237,8 @@ def load_or_extract_features(args, info, device, teacher_path, paths, check_labe
                                wall_time_s=time.time() - t0, feature_dim=int(features.shape[1]),
                                world_size=world.size)
     if world.is_main:
-        artifacts.save(paths.features, payload, meta)
-        log(f"[barycenter] wrote {paths.features} ({tuple(features.shape)}, {time.time() - t0:.1f}s)")
+        artifacts.save(cache, payload, meta)
+        log(f"[barycenter] wrote {cache} ({tuple(features.shape)}, {time.time() - t0:.1f}s)")
     dist.gather_objects(None, world, group)  # the others read features.pt's sha256 once it is there
     payload["meta"] = meta
     return payload
@@ -369,7 +376,7 @@ def run(args, info, world, device, t0):
     feats = load_or_extract_features(args, info, device, teacher_path, paths, check_labels, world, group)
     features, labels = feats["features"], feats["labels"]
     per_class = data.class_indices(labels.tolist(), info.num_classes)
-    upstream = {"teacher": teacher_path, "features": paths.features}
+    upstream = {"teacher": teacher_path, "features": features_path(args, paths)}
     upstream_sha = {name: artifacts.sha256_file(p) for name, p in upstream.items()}
 
     # classes to compute: the range, less what shards of the same teacher, features and settings hold
@@ -405,7 +412,7 @@ def run(args, info, world, device, t0):
         except cli.UserError as e:
             error = e
     dist.settle(error, world, group)
-    return {"barycenters": target, "features": paths.features}
+    return {"barycenters": target, "features": features_path(args, paths)}
 
 
 def merge(args, info, paths, upstream, upstream_sha, first, last, target, t0, t_solve, world) -> None:

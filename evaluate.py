@@ -19,7 +19,9 @@ weight decay 0.01 except on BatchNorm / LayerNorm parameters and biases), cosine
 `--protocol released` (wmdd/protocol.py) sets --kd-weights own-batch and refuses a synthetic.pt made
 under the other protocol's stored-image choices (exit code 2); the batch-size default is relabel's rule.
 
-Labels (`--labels`): `stored` reads relabel's files (default), `online` runs the teacher on each
+Labels (`--labels`): `stored` reads relabel's files (default: <out>/labels; `--labels-dir` points at
+another run's, e.g. to train students of several architectures on one set, each in its own --out with
+`--synthetic` and `--labels-dir` of that run), `online` runs the teacher on each
 batch (nothing stored; compressed as relabel would when --topk / --rank / --precision are given),
 `hard` is cross-entropy on the class labels.
 
@@ -131,6 +133,9 @@ def get_args_parser():
                    help="also train soft-label students without augmentation (distilled and random): ARS")
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default <out>/teacher.pt)")
     g.add_argument("--synthetic", default=None, help="synthetic set (default <out>/synthetic.pt)")
+    g.add_argument("--labels-dir", default=None,
+                   help="relabel's stored labels (default <out>/labels): students of another architecture "
+                        "in their own --out")
     g.add_argument("--val-batch-size", type=int, default=500)
     return p
 
@@ -328,7 +333,8 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
     """sha256 of everything one student's result depends on: a rerun keeps a student file only if equal."""
     config = {k: v for k, v in cli.args_dict(args).items()
               if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
-                           "val_batch_size", "teacher", "synthetic", "full_data_acc", "hlr_reference", "ars")}
+                           "val_batch_size", "teacher", "synthetic", "full_data_acc", "hlr_reference", "ars",
+                           "labels_dir")}
     if key.startswith("full/"):
         config = {k: v for k, v in config.items() if k in FULL_DATA_RECIPE}
     blob = json.dumps({"config": config, "key": key, "seed": seed, "upstream": upstream}, sort_keys=True, default=str)
@@ -354,30 +360,30 @@ def finished_student(path: str, fingerprint: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_label_settings(args, info, syn, paths, teacher_path, synthetic_path):
+def resolve_label_settings(args, info, syn, labels_dir, teacher_path, synthetic_path):
     """With --labels stored: the stored settings, checked against this run. Fills epochs / batch size."""
-    manifest = softlabels.read_manifest(paths.labels)
+    manifest = softlabels.read_manifest(labels_dir)
     settings = manifest["settings"]
     for flag, key in (("epochs", "epochs"), ("batch_size", "batch_size")):
         given = getattr(args, flag)
         if given is not None and given != settings[key]:
             cli.fail(f"--{flag.replace('_', '-')} {given} differs from the stored labels' {key} {settings[key]} "
-                     f"({softlabels.manifest_path(paths.labels)}): a student replays relabel's batches, so both "
+                     f"({softlabels.manifest_path(labels_dir)}): a student replays relabel's batches, so both "
                      f"must match. Drop the flag (it defaults to the stored {settings[key]}), or rerun relabel.py "
                      f"with --{flag.replace('_', '-')} {given}.")
         setattr(args, flag, settings[key])
     if settings["synthetic_sha256"] != artifacts.sha256_file(synthetic_path):
-        cli.fail(f"the labels in {paths.labels} were made from another synthetic set than {synthetic_path} "
+        cli.fail(f"the labels in {labels_dir} were made from another synthetic set than {synthetic_path} "
                  "(sha256 differs): the images changed since relabel. Rerun relabel.py.")
     if os.path.isfile(teacher_path) and settings["teacher_sha256"] != artifacts.sha256_file(teacher_path):
-        cli.fail(f"the labels in {paths.labels} were made by another teacher than {teacher_path} (sha256 "
+        cli.fail(f"the labels in {labels_dir} were made by another teacher than {teacher_path} (sha256 "
                  "differs). Rerun relabel.py with this teacher, or pass --teacher with the one used.")
     if settings["num_images"] != len(syn) or settings["num_classes"] != info.num_classes:
-        cli.fail(f"the labels in {paths.labels} are for {settings['num_images']} images of "
+        cli.fail(f"the labels in {labels_dir} are for {settings['num_images']} images of "
                  f"{settings['num_classes']} classes; {synthetic_path} has {len(syn)} of {info.num_classes}. "
                  "Rerun relabel.py.")
     if settings["augment"].get("version") != augment.AUG_VERSION:
-        cli.fail(f"the labels in {paths.labels} use augmentation version {settings['augment'].get('version')}, "
+        cli.fail(f"the labels in {labels_dir} use augmentation version {settings['augment'].get('version')}, "
                  f"this code replays version {augment.AUG_VERSION}. Rerun relabel.py.")
     settings.setdefault("rank", None)
     for flag in ("topk", "rank", "precision"):
@@ -401,11 +407,12 @@ def run(args, info, world, device, t0):
     teacher_path = args.teacher or paths.teacher
     synthetic_path = args.synthetic or paths.synthetic
     bases = {b.name: b for b in baselines.parse(args.baseline)}
+    labels_dir = args.labels_dir or paths.labels
 
     syn = subsets.load_synthetic(synthetic_path, info, args.ipc, teacher_path)
     settings = None
     if args.labels == "stored":
-        settings = resolve_label_settings(args, info, syn, paths, teacher_path, synthetic_path)
+        settings = resolve_label_settings(args, info, syn, labels_dir, teacher_path, synthetic_path)
         spec = augment.AugmentSpec.from_dict(settings["augment"])
         aug_seed, topk, precision, rank = settings["seed"], settings["topk"], settings["precision"], settings["rank"]
         if args.no_cutmix and spec.cutmix:
@@ -592,7 +599,7 @@ def student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, 
                         student_fingerprint(args, key, seed, depends)))
 
     soft = args.labels != "hard"
-    distilled_soft = (StoredLabels(paths.labels, settings, augment.ReplayPlan(len(syn), args.batch_size, aug_seed))
+    distilled_soft = (StoredLabels(args.labels_dir or paths.labels, settings, augment.ReplayPlan(len(syn), args.batch_size, aug_seed))
                       if args.labels == "stored" else online) if soft else None
     for s in seeds:
         if soft:

@@ -86,6 +86,10 @@ files from another dataset, class order, resolution or teacher (sha256), corrupt
 (pickled code) files, --ipc < 1, barycenters made for another --ipc, --init real with a class smaller
 than --ipc.
 
+Timing (paper Table IV): each group's optimisation time, its number of Adam steps (batches x iterations)
+and the peak memory (CUDA's max_memory_allocated on a GPU, the process's peak RSS on CPU) are kept in its
+shard; synthetic.pt's meta `timing` holds their sums, seconds per iteration and the maximum peak.
+
 Speed: bf16 autocast (--amp auto, the default on CUDA under --protocol wmdd; not yet shown equal to fp32 on a GPU) and channels_last (--channels-last, default on) for the
 teacher; statistics, features and losses are computed in float32. The iteration loop never waits on the
 device except for the progress bar (every --log-every steps), where a non-finite loss also stops the run
@@ -646,6 +650,42 @@ def write_pngs(images: torch.Tensor, labels: torch.Tensor, info, ipc: int, root:
 
 
 # ---------------------------------------------------------------------------------------------
+# timing (the paper's Table IV: time per iteration and peak memory)
+
+
+class StepClock:
+    """Wall time and peak memory of one group's optimisation: CUDA's peak allocated memory on a GPU, the
+    process's peak resident set size (getrusage) on CPU."""
+
+    def __init__(self, device):
+        self.device, self.t0 = device, time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def stop(self, steps: int) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda max_memory_allocated"
+            name = torch.cuda.get_device_name(self.device)
+        else:
+            import resource
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+            name = "cpu"
+        return {"seconds": time.perf_counter() - self.t0, "steps": int(steps), "peak_memory_bytes": int(peak),
+                "memory_kind": kind, "device": name}
+
+
+def merge_timings(timings: list):
+    """The groups' timings summed (seconds, steps) and maxed (peak memory); None if a shard has none."""
+    if not timings or any(t is None for t in timings):
+        return None
+    seconds, steps = sum(t["seconds"] for t in timings), sum(t["steps"] for t in timings)
+    return {"seconds": seconds, "steps": steps, "seconds_per_iteration": seconds / max(steps, 1),
+            "peak_memory_bytes": max(t["peak_memory_bytes"] for t in timings),
+            "memory_kind": timings[0]["memory_kind"], "device": timings[0]["device"]}
+
+
+# ---------------------------------------------------------------------------------------------
 # shards and the merged synthetic set
 
 
@@ -692,6 +732,7 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float, req
         print(f"[recover] classes 0:{covered} of {info.num_classes} are done in {paths.shards}; synthetic.pt is "
               "written once shards of the remaining classes exist (run them with --classes a:b, same flags).")
         return False
+    timing = merge_timings([s.get("timing") for s in chosen])
     payload = {"images": torch.cat([s["images"] for s in chosen]),
                "labels": torch.cat([s["labels"] for s in chosen]),
                "weights": torch.cat([s["weights"] for s in chosen]), "ipc": args.ipc,
@@ -699,7 +740,8 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float, req
                "loss_batches": torch.cat([s["loss_batches"] for s in chosen]), "recipe": recipe}
     artifacts.save(paths.synthetic, payload,
                    artifacts.make_meta("recover", args, info, upstream=upstream, recipe=recipe, world_size=world_size,
-                                       wall_time_s=time.time() - t0, kernels=ops.resolve_impl(args.impl)))
+                                       wall_time_s=time.time() - t0, kernels=ops.resolve_impl(args.impl),
+                                       timing=timing))
     print(f"[recover] wrote {paths.synthetic}: {payload['images'].shape[0]} images "
           f"({info.num_classes} classes x {args.ipc}) and {paths.images}/")
     return True
@@ -749,8 +791,10 @@ def run(args, info, world, device, t0):
         with tqdm(total=steps, desc=f"recover {lo}:{hi}", unit="it",
                   **({} if world.is_main else {"disable": True})) as bar:
             for group in mine:
+                clock = StepClock(device)
                 shard = recover_group(group, objective, inputs, args, info, device, real, bar)
                 encoded = shard.pop("encoded")
+                shard["timing"] = clock.stop(steps=len(group.batches) * args.iterations)
                 if not args.no_png:  # before the shard: a shard on disk means its PNGs are complete
                     write_pngs(shard["images"], shard["labels"], info, args.ipc, paths.images, encoded)
                 artifacts.save(shard_path(paths, group), dict(shard, recipe=recipe),

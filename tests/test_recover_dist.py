@@ -95,10 +95,12 @@ def launch(script: str, argv: list, nproc: int = 2, timeout: int = 300, ok: bool
 
 
 def kill_when(script: str, argv: list, ready, log_path, timeout: float = 300) -> None:
-    """Run `python <script> argv` (one thread) and SIGKILL it as soon as ready() holds (checked every 20 ms)."""
+    """Run `python <script> argv` (one thread; a name without .py runs as `python -m <name>`) and SIGKILL it
+    as soon as ready() holds (checked every 20 ms)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    target = [os.path.join(REPO, script)] if script.endswith(".py") else ["-m", script]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, argv)], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, *target, *map(str, argv)], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + timeout
