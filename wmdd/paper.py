@@ -107,6 +107,8 @@ def get_args_parser():
     p.add_argument("--dataset", required=True, help="dataset preset (digits, imagenette, tiny, imagenet, ...)")
     p.add_argument("--data-dir", default=None, help="dataset root (not needed for digits)")
     p.add_argument("--resolution", type=int, default=None, help="protocol resolution (default: the preset's)")
+    p.add_argument("--protocol", default="wmdd", choices=["wmdd", "released"],
+                   help="passed to every stage (README 'Differences from the released code')")
     p.add_argument("--out", required=True, help="reproduction directory (PAPER.md, figures, every run)")
     p.add_argument("--ipc", default=None, help="comma list of IPCs for Table I (default 1,10,50,100)")
     p.add_argument("--only", default=None, help=f"comma list of items to make, of: {','.join(ITEMS)} (default all)")
@@ -228,6 +230,8 @@ class Commands:
             argv += ["--data-dir", a.data_dir]
         if a.resolution:
             argv += ["--resolution", str(a.resolution)]
+        if a.protocol != "wmdd":
+            argv += ["--protocol", a.protocol]
         if ipc is not None:
             argv += ["--ipc", str(ipc)]
         argv += ["--out", out]
@@ -370,8 +374,8 @@ def build_plan(args, cmd: Commands) -> Plan:
         row = Row(f"ipc{k}/{name}", [cmd.recover(k, name, flags)])
         if "relabel" in stages:
             row.steps.append(cmd.relabel(k, name))
-        if "evaluate" in stages:  # the random real subset once per IPC: in the WMDD row
-            row.steps.append(cmd.evaluate(k, name, "random" if name == "wmdd" else "none"))
+        if "evaluate" in stages:  # the random real subsets and the full-data student: in the WMDD row
+            row.steps.append(cmd.evaluate(k, name, "random,full" if name == "wmdd" else "none"))
         rows.append(row)
     if "table2" in only:
         for k in table2_ipcs:
@@ -548,10 +552,15 @@ def read_results(directory: str) -> dict:
     return {"soft": top1("distilled/soft"), "hard": top1("distilled/hard"), "random_soft": top1("random/soft"),
             "random_hard": top1("random/hard"), "metrics": res.get("metrics", {}),
             "teacher": res.get("teacher_val_top1"), "student": res["config"].get("student"),
+            "full": (res.get("full_data") or {}).get("top1"), "full_label": (res.get("full_data") or {}).get("label"),
             "seeds": res["config"].get("seeds"), "epochs": res["config"].get("epochs")}
 
 
 def fmt(summary) -> str:
+    return "–" if summary is None else f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+
+
+def fmt_score(summary) -> str:
     return "–" if summary is None else f"{summary['mean']:.2f} ± {summary['std']:.2f}"
 
 
@@ -619,46 +628,33 @@ def draw_fig2(args, cmd: Commands, plan: Plan, path: str) -> None:
 
 def _dataset_args(args):
     return argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, resolution=args.info.resolution,
-                              download=False, workers=0)
+                              download=False, workers=0, protocol=args.protocol)
 
 
 def draw_fig4(args, cmd: Commands, syn: dict, path: str) -> None:
-    """t-SNE of real (features.pt) and synthetic teacher features, WMDD and SRe2L, and the diversity."""
-    import torch
+    """The paper's Fig. 4 (wmdd.embedding.figure4): a fresh model, not the teacher, trained on the real
+    training images + the WMDD and SRe2L sets; t-SNE of its features and the within-class diversity there."""
+    import shutil
 
-    from wmdd import artifacts, models, report
+    from wmdd import embedding
 
-    info = args.info
-    model, _ = models.load_teacher(cmd.teacher, info)
-    classes = range(min(args.fig_classes, info.num_classes))  # the first --fig-classes classes
-    sets = {}
-    for name, p in syn.items():
-        s = artifacts.load(p, stage="recover")
-        shown = s["labels"] < len(classes)
-        sets[report.method_name(s["meta"])] = (report.image_features(model, s["images"][shown], info),
-                                               s["labels"][shown])
-    feats = artifacts.load(cmd.features, stage="features")
-    real_f, real_y = feats["features"].float(), feats["labels"]
-    g = torch.Generator().manual_seed(0)
-    keep = torch.cat([idx[torch.randperm(len(idx), generator=g)[:50]]
-                      for idx in (torch.nonzero(real_y == c).flatten() for c in classes)])
-    report.tsne_plot(real_f[keep], real_y[keep], sets, path, info.classes)
-    real_shown = real_y < len(classes)
-    real_f, real_y = real_f[real_shown], real_y[real_shown]
-    diversity = {"real (all training images of those classes)": report.mean_pairwise_distance(real_f, real_y)}
-    diversity.update({name: report.mean_pairwise_distance(f, y) for name, (f, y) in sets.items()})
+    wmdd_dir, sre2l_dir = (os.path.dirname(syn[n]) for n in ("wmdd", "sre2l"))
+    fig = embedding.figure4(wmdd_dir, {"SRe2L": sre2l_dir}, out_dir=wmdd_dir)
+    shutil.copyfile(fig["tsne"], path)
     with open(os.path.join(args.out, "fig4_diversity.json"), "w") as fh:
-        json.dump(diversity, fh, indent=1)
+        json.dump({"diversity": fig["diversity"], "caption": fig["caption"],
+                   "diversity_caption": fig["diversity_caption"]}, fh, indent=1)
 
 
 def draw_fig6(args, syn: dict, path: str) -> None:
     """One row per class (the first --fig-classes): WMDD's images | SRe2L's | as many real ones."""
-    from wmdd import artifacts, report
+    from wmdd import artifacts, embedding, report
 
     info = args.info
     wmdd, sre2l = (artifacts.load(syn[n], stage="recover") for n in ("wmdd", "sre2l"))
     per_class = min(int(wmdd["ipc"]), 10)
-    real, real_y = report.real_images(info, _dataset_args(args), per_class)
+    real_set = embedding.real_images(info, _dataset_args(args), "train", per_class)
+    real, real_y = real_set.images, real_set.labels
     rows = []
     for c in range(min(args.fig_classes, info.num_classes)):
         rows.append([s["images"][s["labels"] == c][:per_class] for s in (wmdd, sre2l)] + [real[real_y == c]])
@@ -692,16 +688,20 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
     if "table1" in only:
         lines += ["## Table I: WMDD at each IPC", "",
                   "| IPC | WMDD, soft (ours) | WMDD (paper) | WMDD, hard | random real, soft | random real, hard | "
-                  "IOR | HLR | student |", "|---|---|---|---|---|---|---|---|---|"]
+                  "full data, hard | IOR | HLR | LRS | student |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for ipc in args.ipc:
             r = read_results(cmd.row_dir(ipc, "wmdd"))
             m = r["metrics"]
             lines.append(f"| {ipc} | {fmt(r['soft'])} | {published(args, 'table1', info.name, ipc)} | {fmt(r['hard'])} | "
-                         f"{fmt(r['random_soft'])} | {fmt(r['random_hard'])} | {fmt_delta(m.get('IOR'))} | "
-                         f"{fmt_delta(m.get('HLR'))} | {r['student']} |")
+                         f"{fmt(r['random_soft'])} | {fmt(r['random_hard'])} | "
+                         f"{'–' if not r['full'] else format(r['full']['last'], '.2f')} | {fmt_delta(m.get('IOR'))} | "
+                         f"{fmt_delta(m.get('HLR'))} | {fmt_score(m.get('LRS'))} | {r['student']} |")
         lines += ["", "IOR = acc(distilled, soft) − acc(random real, soft), paired by seed (what the images add over "
-                  "real ones); HLR = acc(full data, hard) − acc(distilled, hard) with the teacher's val top-1 "
-                  "standing in for the full-data accuracy (DD-Ranking, arXiv 2505.13300)."]
+                  "real ones), a new random subset per seed; HLR = acc(full data, hard) − acc(distilled, hard), the "
+                  "full-data accuracy from a student of the same architecture trained on the whole training set with "
+                  "hard labels and the same recipe; LRS = (e^α − e^−1) / (e − e^−1), α = 0.5·IOR − 0.5·HLR "
+                  "(fractions); all as DD-Ranking defines them (arXiv 2505.13300, wmdd/metrics.py). Hard-label "
+                  "students train without augmentation (DD-Ranking's default)."]
         lines += commands(*(f"ipc{i}/wmdd" for i in args.ipc))
 
     if "table2" in only:
@@ -739,12 +739,8 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
         with open(os.path.join(args.out, "fig4_diversity.json")) as fh:
             diversity = json.load(fh)
         lines += [f"## Fig. 4: t-SNE of real and synthetic features at IPC {k}", "", "![Fig. 4](fig4_tsne.png)", "",
-                  f"The first {min(args.fig_classes, info.num_classes)} classes. Features are the teacher's "
-                  "penultimate ones (real: 50 training images per class, dots; synthetic: markers). Within-class "
-                  "diversity, mean pairwise L2 distance of those features averaged over the classes (real: every "
-                  "training image of the classes):", "",
-                  "| set | diversity |", "|---|---|"]
-        lines += [f"| {name} | {value:.3f} |" for name, value in diversity.items()]
+                  diversity["caption"], "", diversity["diversity_caption"], "", "| set | diversity |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in diversity["diversity"].items()]
         lines += commands(f"ipc{k}/wmdd", f"ipc{k}/sre2l")
 
     if "fig6" in only:
