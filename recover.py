@@ -40,6 +40,20 @@ Ablations (paper Table III; every flag can also be combined by hand):
     barycenter, global BN         --bn global                      (first-BN x10, released layout)
     SRe2L                         --sre2l                          CE + global BN, SRe2L's recover
 
+Levers beyond the paper (ours, not the paper's; none changes a default; bench/RESULTS.md "Against random
+real images" measures them):
+
+    --init nearest        image j of class c starts from the real training image whose teacher feature
+                          (barycenter.py's features.pt) is nearest to atom j of class c, each image used at
+                          most once: an optimal assignment per class (wmdd/coreset.py says why). The loss then
+                          refines it; the start depends on features.pt and barycenters.pt, so both are part of
+                          every shard's upstream key. (--init real: random real images of the class instead.)
+    --crop-scale LO HI    the area range of recover's RandomResizedCrop (default: the preset's, 0.08-1 for
+                          the paper's datasets, 0.25-1 for digits); part of the recipe.
+    --iterations, --lr, --lambda-bn   from a real start fewer, smaller steps keep the image close to the real one.
+
+evaluate's `--baseline coreset` trains on those nearest real images themselves (no recover).
+
 `--bn global` matches the teacher's BN running statistics (what the released code matched; `--global-stats
 data` matches the exact training-set statistics of bn_stats.pt instead). With global BN the released code
 built batches "ipc-major", one image of each of --batch-size classes per batch, one batch per image index

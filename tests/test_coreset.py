@@ -61,7 +61,7 @@ def placed(digits_run, tmp_path_factory):
     return out, known
 
 
-def test_init_nearest_starts_from_the_atoms_images(placed, tmp_path):
+def test_init_nearest_starts_from_the_atoms_images(placed, tmp_path, capsys):
     out, known = placed
     out = copy_run(out, tmp_path / "run")
     paths = artifacts.run_paths(out)
@@ -82,6 +82,16 @@ def test_init_nearest_starts_from_the_atoms_images(placed, tmp_path):
     core = coreset.coreset_subset(info, args, chosen)
     assert core.indices == known.flatten().tolist() and torch.equal(core.images, expected)
     assert core.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    # other barycenters (atoms swapped): the shards of the old start are not reused, the images follow
+    bary = artifacts.load(paths.barycenters, stage="barycenter")
+    bary["points"] = bary["points"].flip(1).clone()
+    artifacts.save(paths.barycenters, {k: v for k, v in bary.items() if k != "meta"}, bary["meta"])
+    capsys.readouterr()
+    res = run_stage(recover, ["--dataset", "digits", "--ipc", 2, "--out", out, "--iterations", 1, "--lr", 0,
+                              "--init", "nearest", "--no-png"])
+    assert "resuming" not in capsys.readouterr().out
+    swapped = artifacts.load(res["synthetic"])["images"].view(10, 2, 3, 16, 16).flip(1).reshape(20, 3, 16, 16)
+    assert torch.equal(swapped, syn["images"])
 
 
 def test_crop_scale_is_part_of_the_recipe_and_checked(placed, tmp_path):

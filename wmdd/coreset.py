@@ -70,3 +70,25 @@ def coreset_subset(info, args, chosen: torch.Tensor, source: str = "nearest-real
     C, k = chosen.shape
     labels = torch.arange(C).repeat_interleave(k)
     return subsets.ImageSet(images, labels, torch.full((C * k,), 1.0 / k), k, source, flat)
+
+
+def baseline_subset(info, args, ipc: int) -> subsets.ImageSet:
+    """evaluate's `--baseline coreset`: the nearest real images of the barycenters in --out (features.pt,
+    barycenters.pt). Refused when the synthetic set under evaluation was made from other barycenters (its
+    meta records their sha256): the two rows would then answer different questions."""
+    import os
+
+    paths = artifacts.run_paths(args.out)
+    teacher = getattr(args, "teacher", None) or paths.teacher
+    synthetic = getattr(args, "synthetic", None) or paths.synthetic
+    if os.path.isfile(synthetic) and os.path.isfile(paths.barycenters):
+        recorded = artifacts.load(synthetic).get("meta", {}).get("upstream", {}).get("barycenters")
+        if recorded is not None and recorded != artifacts.sha256_file(paths.barycenters):
+            fail(f"--baseline coreset: {synthetic} was recovered from other barycenters than {paths.barycenters} "
+                 "(sha256 differs), so the coreset would not be the distilled set's own atoms' images. Rerun "
+                 "recover.py with these barycenters, or barycenter.py with the recover run's settings.")
+    chosen = load_assignment(info, paths.features, paths.barycenters, teacher if os.path.isfile(teacher) else None)
+    if chosen.shape[1] != ipc:
+        fail(f"--baseline coreset: {paths.barycenters} holds {chosen.shape[1]} atoms per class, but --ipc is {ipc}. "
+             f"Rerun barycenter.py with --ipc {ipc}.")
+    return coreset_subset(info, args, chosen, "nearest-real coreset (barycenter atoms' images, no recover)")
