@@ -47,6 +47,20 @@ Ablations (paper Table III; every flag can also be combined by hand):
     barycenter, global BN         --bn global                      (first-BN x10, released layout)
     SRe2L                         --sre2l                          CE + global BN, SRe2L's recover
 
+Levers beyond the paper (ours, not the paper's; none changes a default; bench/RESULTS.md "Against random
+real images" measures them):
+
+    --init nearest        image j of class c starts from the real training image whose teacher feature
+                          (barycenter.py's features.pt) is nearest to atom j of class c, each image used at
+                          most once: an optimal assignment per class (wmdd/coreset.py says why). The loss then
+                          refines it; the start depends on features.pt and barycenters.pt, so both are part of
+                          every shard's upstream key. (--init real: random real images of the class instead.)
+    --crop-scale LO HI    the area range of recover's RandomResizedCrop (default: the preset's, 0.08-1 for
+                          the paper's datasets, 0.25-1 for digits); part of the recipe.
+    --iterations, --lr, --lambda-bn   from a real start fewer, smaller steps keep the image close to the real one.
+
+evaluate's `--baseline coreset` trains on those nearest real images themselves (no recover).
+
 `--bn global` matches the teacher's BN running statistics (what the released code matched; `--global-stats
 data` matches the exact training-set statistics of bn_stats.pt instead). With global BN the released code
 built batches "ipc-major", one image of each of --batch-size classes per batch, one batch per image index
@@ -109,7 +123,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wmdd import artifacts, bnstats, cli, data, dist, models, ops, protocol
+from wmdd import artifacts, bnstats, cli, coreset, data, dist, models, ops, protocol
 
 TERMS = ("total", "feature", "bn", "ce")
 # SRe2L's released R_BN weights (recover.sh: ImageNet 0.01; recover_tiny.sh: Tiny-ImageNet 1).
@@ -118,7 +132,7 @@ SRE2L_LAMBDA_DEFAULT = 0.01
 # The settings that make a synthetic set: two shards (or a resumed run) may be combined only when equal.
 RECIPE_KEYS = ("ipc", "iterations", "lr", "lambda_bn", "r_ce", "first_bn_mult", "feature", "bn", "global_stats",
                "layout", "batch_size", "init", "jitter", "seed", "amp", "sre2l", "pixel_rounding", "image_format",
-               "jpeg_quality")
+               "jpeg_quality", "crop_scale")
 # How long a rank that is done waits for the others (ranks finish a group or more apart): the process
 # group's default timeout (10-30 min) is too short for that.
 
@@ -133,8 +147,11 @@ def get_args_parser():
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per batch; batches hold batch-size // ipc whole classes (chunks of a class "
                         "when ipc > batch-size)")
-    g.add_argument("--init", default="noise", choices=["noise", "real"],
-                   help="start from Gaussian noise (paper) or from random real images of the class")
+    g.add_argument("--init", default="noise", choices=["noise", "real", "nearest"],
+                   help="start from Gaussian noise (paper), from random real images of the class, or from the "
+                        "real image nearest to each barycenter atom (wmdd/coreset.py)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="RandomResizedCrop area range of recover's augmentation (default: the preset's)")
     g.add_argument("--jitter", type=int, default=None,
                    help="max roll in pixels (default: 32 at 224 px, scaled with the input size)")
     g = p.add_argument_group("loss terms and ablations (paper Table III)")
@@ -198,6 +215,12 @@ def resolve_args(args, info, device) -> None:
         args.layout = "class-major" if args.bn == "per-class" else "ipc-major"
     if args.jitter is None:
         args.jitter = int(round(32 * info.image_size / 224))
+    if args.crop_scale is None:
+        args.crop_scale = list(info.crop_scale)
+    args.crop_scale = [float(v) for v in args.crop_scale]
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        cli.fail(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} is not an area range: pass "
+                 "LO HI with 0 < LO <= HI <= 1 (e.g. 0.5 1).")
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" else "fp32"
     if args.channels_last == "auto":
@@ -468,7 +491,7 @@ def recover_batch(objective: Objective, x0: torch.Tensor, tg: Targets, args, inf
     curve = torch.zeros(args.iterations, len(TERMS), device=x0.device)
     checked = 0
     for it in range(args.iterations):
-        out = opt.step(it, draw_augmentation(gen, info.image_size, info.crop_scale, info.flip, args.jitter))
+        out = opt.step(it, draw_augmentation(gen, info.image_size, args.crop_scale, info.flip, args.jitter))
         curve[it] = torch.stack([out[t].detach().float() for t in TERMS])
         if bar is not None:
             bar.update(1)
@@ -544,14 +567,18 @@ def load_inputs(args, info, device, paths):
 
 
 class RealImages:
-    """--init real: random training images of a class (normalised), drawn per class from the seed."""
+    """--init real: random training images of a class (normalised), drawn per class from the seed.
+    --init nearest: `chosen` [C, IPC] dataset indices, image j of class c = atom j's (wmdd/coreset.py)."""
 
-    def __init__(self, info, args):
+    def __init__(self, info, args, chosen: torch.Tensor | None = None):
         self.ds = data.build_dataset(info, args, "train", augment=False)
         self.per_class = data.class_indices(self.ds.targets, info.num_classes)
-        self.info, self.seed, self.ipc = info, args.seed, args.ipc
+        self.info, self.seed, self.ipc, self.chosen = info, args.seed, args.ipc, chosen
+        if chosen is not None and tuple(chosen.shape) != (info.num_classes, args.ipc):
+            cli.fail(f"--init nearest: the barycenters hold {chosen.shape[1]} atoms per class, but --ipc is "
+                     f"{args.ipc}. Rerun barycenter.py with --ipc {args.ipc}.")
         short = [(info.classes[c], len(ix)) for c, ix in enumerate(self.per_class) if len(ix) < args.ipc]
-        if short:  # checked before any work, not when the class's group comes up
+        if short and chosen is None:  # checked before any work, not when the class's group comes up
             name, n = min(short, key=lambda t: t[1])
             cli.fail(f"--init real needs --ipc {args.ipc} different training images per class, but class {name!r} "
                      f"of {info.data_dir or info.name} has {n} ({len(short)} class(es) in all have fewer). Use "
@@ -559,6 +586,9 @@ class RealImages:
 
     def of_class(self, c: int, index=None) -> torch.Tensor:
         """The IPC starting images of class c [IPC, 3, S, S], or only image `index` [3, S, S]."""
+        if self.chosen is not None:
+            pick = self.chosen[c].tolist()
+            return self.ds[pick[index]][0] if index is not None else torch.stack([self.ds[i][0] for i in pick])
         idx = self.per_class[c]
         if len(idx) < self.ipc:
             cli.fail(f"class {self.info.classes[c]} has {len(idx)} training images, fewer than --ipc {self.ipc}, "
@@ -760,7 +790,7 @@ def run(args, info, world, device, t0):
     per_group = classes_per_group(args.layout, args.ipc, args.batch_size)
     if world.is_main:
         cli.print_config("recover", args, classes_resolved=f"{lo}:{hi} of {info.num_classes}",
-                         classes_per_batch=per_group, image_size=info.image_size, crop_scale=info.crop_scale,
+                         classes_per_batch=per_group, image_size=info.image_size,
                          flip=info.flip, device_resolved=str(device), world_size=world.size,
                          kernels=ops.describe(args.impl))
     if lo % per_group or (hi % per_group and hi != info.num_classes):
@@ -771,6 +801,8 @@ def run(args, info, world, device, t0):
     paths = artifacts.run_paths(args.out)
     inputs = load_inputs(args, info, device, paths)
     model, upstream = inputs[0], inputs[1]
+    if args.init == "nearest":  # the starting images depend on both files: part of every shard's key
+        upstream = {**upstream, "features": paths.features, "barycenters": args.barycenters or paths.barycenters}
     if args.channels_last == "on":
         model.to(memory_format=torch.channels_last)
     recipe = recipe_of(args)
@@ -783,7 +815,12 @@ def run(args, info, world, device, t0):
         log(f"[recover] resuming: {len(groups) - len(todo)} of {len(groups)} groups already in {paths.shards}")
     dist.gather_objects(None, world, group_sync)  # every rank has listed the finished groups before any writes one
     mine = shard_groups(todo, world.rank, world.size)
-    real = RealImages(info, args) if args.init == "real" and todo else None
+    real = None
+    if args.init == "real" and todo:
+        real = RealImages(info, args)
+    elif args.init == "nearest" and todo:
+        real = RealImages(info, args, coreset.load_assignment(info, paths.features, args.barycenters or
+                                                              paths.barycenters, args.teacher or paths.teacher))
     objective = Objective(model, args)
     steps = sum(len(g.batches) for g in mine) * args.iterations
     error = None

@@ -6,6 +6,9 @@
 - `full`: the whole real training set, hard labels: the full-data student of DD-Ranking's HLR. It does
   not depend on the synthetic set, the teacher or the seed list, so it is trained once (with --seed) per
   dataset, student architecture and recipe and kept in students/.
+- `coreset`: the real training image nearest (teacher feature) to each barycenter atom of --out, each
+  used once (wmdd/coreset.py; the start of recover --init nearest), without recover: what recover adds
+  to the barycenter's choice. Trained like the distilled set (soft and hard labels).
 
 A new baseline is one `Baseline(...)` entry: its name, whether each seed draws its own set, the label
 kinds it trains with, and the function that builds its `subsets.ImageSet` from (info, args, ipc, seed).
@@ -35,7 +38,16 @@ BASELINES = {
     "full": Baseline("full", False, ("hard",),
                      lambda info, args, ipc, seed: subsets.full_training_set(info, args),
                      "full training set"),
+    "coreset": Baseline("coreset", False, ("soft", "hard"),
+                        lambda info, args, ipc, seed: _coreset(info, args, ipc),
+                        "nearest-real coreset (atoms' images, no recover)"),
 }
+
+
+def _coreset(info, args, ipc: int):
+    from wmdd import coreset  # needs POT / scipy only when asked for
+
+    return coreset.baseline_subset(info, args, ipc)
 
 
 def parse(text: str) -> list:

@@ -1,0 +1,216 @@
+"""Distilled sets against random real images (DD-Ranking's question): every row through the stage scripts.
+
+    python bench/bench_vs_random.py --dataset digits --ipc 1,10 --seeds 3 --iterations 200 --epochs 60 \\
+        --work runs/vs_random/digits --report runs/vs_random/digits.md
+    python bench/bench_vs_random.py --dataset folder --data-dir /data/photos32 --resolution 32 \\
+        --squeeze-args "--arch convnet --epochs 3 --lr 0.05 --batch-size 64 --weight-decay 5e-4" \\
+        --student convnet --ipc 1,10 --seeds 3 --iterations 100 --epochs 40 --work runs/vs_random/photos
+
+For each IPC: squeeze.py once (reused when --work already holds teacher.pt), barycenter.py, then for every
+recover row recover.py with the row's flags (+ the column's --iterations) and evaluate.py (--labels online:
+the teacher's soft labels on the fly, and hard labels: both regimes from one run), every one a
+subprocess with the same student recipe (--epochs, the preset's optimiser, batch, augmentation). The
+baselines come from evaluate's own `--baseline random,coreset` on the first recover row (random: IPC real
+images per class, a new subset per seed; coreset: the nearest real image of every barycenter atom,
+wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a row of your own):
+
+    random     IPC random real images per class (new per seed)      baseline
+    coreset    the atoms' nearest real images, no recover           baseline
+    sre2l      recover --sre2l (SRe2L's recover), noise start
+    wmdd       recover with the paper's defaults (noise start)
+    nearest    recover --init nearest
+    ROWS below lists the levers kept as named rows.
+
+Writes --report (markdown: top-1 mean +- std over seeds, IOR = acc(row) - acc(random) paired by seed,
+soft and hard labels, per IPC) and, beside it, the same numbers as .json. A rerun with the same --work
+reuses every finished stage output (each stage's own resume) and every finished student.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINES = ("random", "coreset")
+ROWS = {  # name -> recover flags (the column's --iterations is added unless the row sets its own)
+    "sre2l": ["--sre2l"],
+    "wmdd": [],
+    "nearest": ["--init", "nearest"],
+}
+SHARED = ("teacher.pt", "bn_stats.pt", "features.pt", "barycenters.pt")
+
+
+def parse_rows(text: str) -> dict:
+    rows = {}
+    for item in [t.strip() for t in text.split(",") if t.strip()]:
+        if "=" in item:
+            name, flags = item.split("=", 1)
+            rows[name.strip()] = shlex.split(flags)
+        elif item in BASELINES:
+            rows[item] = None
+        elif item in ROWS:
+            rows[item] = ROWS[item]
+        else:
+            raise SystemExit(f"--rows: unknown row {item!r}; use {', '.join(BASELINES + tuple(ROWS))} or NAME=FLAGS")
+    return rows
+
+
+def stage(script: str, argv: list, log_path: str) -> None:
+    """Run one stage script as a subprocess, its output to log_path; stop with its tail on failure."""
+    cmd = [sys.executable, os.path.join(REPO, script), *map(str, argv)]
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
+        log.write(f"# exit {proc.returncode} after {time.time() - t0:.1f}s\n")
+    if proc.returncode:
+        with open(log_path) as fh:
+            tail = fh.read()[-3000:]
+        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log_path}:\n{tail}")
+
+
+def link_shared(src: str, dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for name in SHARED:
+        target, link = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.exists(target) and not os.path.lexists(link):
+            os.symlink(os.path.abspath(target), link)
+
+
+def per_seed(results_json: str) -> dict:
+    """{run key ('distilled/soft', 'random/hard', ...): [top-1 per seed]} of one evaluate run."""
+    with open(results_json) as fh:
+        report = json.load(fh)
+    return {r["key"]: [x["top1"] for x in r["per_seed"]] for r in report["runs"]}
+
+
+def mean_std(values: list) -> tuple:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values) -> str:
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def fmt_ior(values, base) -> str:
+    if not values or not base:
+        return "–"
+    m, s = mean_std([a - b for a, b in zip(values, base)])
+    mark = " ✓" if m - s > 0 else ""
+    return f"{m:+.1f} ± {s:.1f}{mark}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--ipc", default="1,10", help="comma list of IPCs (one table column block each)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, required=True, help="recover iterations of every row")
+    p.add_argument("--epochs", type=int, required=True, help="student epochs of every row")
+    p.add_argument("--student", default=None, help="evaluate --student (default: the preset's)")
+    p.add_argument("--rows", default="random,coreset,sre2l,wmdd,nearest")
+    p.add_argument("--baselines", default="random,coreset",
+                   help="evaluate --baseline list run beside the first recover row (rows named like them)")
+    p.add_argument("--squeeze-args", default="", help="extra squeeze.py flags (the teacher recipe)")
+    p.add_argument("--eval-args", default="", help="extra evaluate.py flags for every row")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate --eval-every (default: --epochs, "
+                   "one validation at the end)")
+    p.add_argument("--work", required=True, help="run directory root (stage outputs, logs)")
+    p.add_argument("--report", default=None, help="markdown table (default <work>/vs_random.md)")
+    a = p.parse_args()
+    rows = parse_rows(a.rows)
+    recover_rows = [n for n, f in rows.items() if f is not None]
+    if not recover_rows:
+        raise SystemExit("--rows needs at least one recover row: the baselines are evaluated beside it")
+    common = ["--dataset", a.dataset, "--device", "cpu", "--seed", a.seed]
+    common += ["--data-dir", a.data_dir] if a.data_dir else []
+    common += ["--resolution", a.resolution] if a.resolution else []
+    os.makedirs(a.work, exist_ok=True)
+    log = os.path.join(a.work, "stages.log")
+    t_start = time.time()
+    base = os.path.join(a.work, "teacher")
+    if not os.path.isfile(os.path.join(base, "bn_stats.pt")):
+        stage("squeeze.py", common + ["--out", base] + shlex.split(a.squeeze_args), log)
+    with open(os.path.join(base, "teacher.pt"), "rb"):
+        pass
+    results, walls = {}, {}
+    for ipc in [int(x) for x in a.ipc.split(",")]:
+        col = os.path.join(a.work, f"ipc{ipc}")
+        bary = os.path.join(col, "barycenter")
+        link_shared(base, bary)
+        if not os.path.isfile(os.path.join(bary, "barycenters.pt")):
+            stage("barycenter.py", common + ["--ipc", ipc, "--out", bary], log)
+        evaluate = common + ["--ipc", ipc, "--labels", "online", "--seeds", a.seeds, "--epochs", a.epochs,
+                             "--eval-every", a.eval_every or a.epochs]
+        evaluate += ["--student", a.student] if a.student else []
+        evaluate += shlex.split(a.eval_args)
+        host_baselines = [b for b in a.baselines.split(",") if b in rows]
+        for k, name in enumerate(recover_rows):
+            flags = rows[name] + ([] if "--iterations" in rows[name] else ["--iterations", a.iterations])
+            # the directory is named by the recover flags: a changed row never reuses another's synthetic.pt
+            out = os.path.join(col, f"{name}-{hashlib.sha256(shlex.join(map(str, flags)).encode()).hexdigest()[:8]}")
+            link_shared(bary, out)
+            t0 = time.time()
+            if not os.path.isfile(os.path.join(out, "synthetic.pt")):
+                stage("recover.py", common + ["--ipc", ipc, "--out", out, "--no-png"] + flags, log)
+            baseline = ",".join(host_baselines) if k == 0 and host_baselines else "none"
+            stage("evaluate.py", evaluate + ["--out", out, "--baseline", baseline], log)
+            walls[(ipc, name)] = time.time() - t0
+            got = per_seed(os.path.join(out, "results.json"))
+            results[(ipc, name)] = {"soft": got.get("distilled/soft"), "hard": got.get("distilled/hard")}
+            if k == 0:
+                for b in host_baselines:
+                    results[(ipc, b)] = {"soft": got.get(f"{b}/soft"), "hard": got.get(f"{b}/hard")}
+    write_report(a, rows, results, walls, time.time() - t_start)
+
+
+def write_report(a, rows, results, walls, total_s: float) -> None:
+    report = a.report or os.path.join(a.work, "vs_random.md")
+    ipcs = sorted({ipc for ipc, _ in results})
+    lines = [f"{a.dataset}{' ' + a.data_dir if a.data_dir else ''} (resolution {a.resolution or 'preset'}), "
+             f"{a.seeds} seeds, recover {a.iterations} iterations, student {a.student or 'preset'} "
+             f"{a.epochs} epochs, labels: soft = teacher online (KL), hard = class labels; "
+             f"{platform.node()}, {time.strftime('%Y-%m-%d')}, {total_s / 60:.0f} min in all", ""]
+    for ipc in ipcs:
+        rnd = results.get((ipc, "random"), {})
+        lines += [f"IPC {ipc}", "",
+                  "| images | soft top-1 | IOR soft | hard top-1 | IOR hard | recover + evaluate |",
+                  "|---|---|---|---|---|---|"]
+        for name in rows:
+            r = results.get((ipc, name))
+            if r is None:
+                continue
+            wall = f"{walls[(ipc, name)] / 60:.1f} min" if (ipc, name) in walls else "(with the first row)"
+            ior_s = fmt_ior(r["soft"], rnd.get("soft")) if name != "random" else "0"
+            ior_h = fmt_ior(r["hard"], rnd.get("hard")) if name != "random" else "0"
+            flags = " ".join(rows[name]) if rows[name] else ("paper defaults" if rows[name] == [] else "baseline")
+            lines.append(f"| {name} (`{flags}`) | {fmt(r['soft'])} | {ior_s} | {fmt(r['hard'])} | {ior_h} | {wall} |")
+        lines.append("")
+    lines.append("mean ± sample std over seeds; IOR = acc(row) − acc(random real), paired by seed; ✓: mean − std > 0")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+    with open(report, "w") as fh:
+        fh.write(text)
+    with open(os.path.splitext(report)[0] + ".json", "w") as fh:
+        json.dump({"args": vars(a), "results": {f"ipc{i}/{n}": v for (i, n), v in results.items()}}, fh, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The nearest-real coreset: for every barycenter atom, the real training image of its class whose teacher
+feature is nearest to it, each image used at most once.
+
+Used by recover's `--init nearest` (each synthetic image starts from its atom's image; the recover loss
+then refines it) and by the coreset baseline (those images themselves, no recover: what recover adds to
+the barycenter's choice).
+
+Per class c with atoms B_c [k, d] and the class's features F_c [n, d] (barycenter.py's features.pt, in
+training-set order) the choice is the assignment
+
+    sigma = argmin over injective sigma: {1..k} -> {1..n} of  sum_j ||B_c[j] - F_c[sigma(j)]||^2
+
+solved exactly by scipy's `linear_sum_assignment` on the rectangular k x n cost (the Jonker-Volgenant
+algorithm). Taking each atom's nearest image independently can pick one image twice (two atoms with the
+same nearest neighbour); POT's `emd` would need equal masses on both sides (k = n) or a partial plan. The
+squared distance is the barycenter's own cost (W2^2), so the chosen images are the discrete measure on
+real features closest to the barycenter among those with one image per atom.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from wmdd import artifacts, data, subsets
+from wmdd.cli import fail
+
+
+def assign_nearest(features: torch.Tensor, labels: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Dataset indices [C, k] (int64): atom j of class c -> the training image assigned to it (distinct
+    within a class; across classes the images differ anyway since each belongs to one class).
+    features [N, d], labels [N] (class of each training image, dataset order), points [C, k, d]."""
+    C, k, _ = points.shape
+    labels = labels.to(torch.int64)
+    chosen = torch.empty(C, k, dtype=torch.int64)
+    for c in range(C):
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) < k:
+            fail(f"class {c} has {len(idx)} training images but the barycenter has {k} atoms (= --ipc): the "
+                 "nearest-real choice needs a different image per atom. Use a smaller --ipc.")
+        cost = torch.cdist(points[c].double(), features[idx].double()).pow(2).numpy()
+        rows, cols = linear_sum_assignment(cost)
+        chosen[c, torch.as_tensor(rows)] = idx[torch.as_tensor(np.asarray(cols))]
+    return chosen
+
+
+def load_assignment(info, features_path, barycenters_path, teacher_path=None) -> torch.Tensor:
+    """assign_nearest on barycenter.py's files, each checked against this run (and against the teacher)."""
+    upstream = {"teacher": teacher_path} if teacher_path is not None else None
+    feats = artifacts.load(features_path, stage="features")
+    artifacts.check_compatible(feats["meta"], info, features_path, upstream=upstream)
+    bary = artifacts.load(barycenters_path, stage="barycenter")
+    artifacts.check_compatible(bary["meta"], info, barycenters_path,
+                               upstream={**(upstream or {}), "features": features_path})
+    points = bary["points"].float()
+    if points.ndim != 3 or points.shape[0] != info.num_classes:
+        fail(f"{barycenters_path} holds barycenters of shape {tuple(points.shape)}, not [{info.num_classes} "
+             "classes, k, d]. Rerun barycenter.py.")
+    if feats["features"].shape[1] != points.shape[2]:
+        fail(f"{features_path} holds {feats['features'].shape[1]}-d features but {barycenters_path} "
+             f"{points.shape[2]}-d atoms. Rerun barycenter.py with --recompute-features.")
+    return assign_nearest(feats["features"].float(), feats["labels"], points)
+
+
+def coreset_subset(info, args, chosen: torch.Tensor, source: str = "nearest-real coreset") -> subsets.ImageSet:
+    """The images of `chosen` [C, k] (eval transform, uint8, class-major, atom order): the coreset baseline."""
+    ds = data.build_dataset(info, args, "train", augment=False)
+    flat = chosen.flatten().tolist()
+    images = torch.stack([subsets._to_uint8(info, ds[i][0]) for i in flat])
+    C, k = chosen.shape
+    labels = torch.arange(C).repeat_interleave(k)
+    return subsets.ImageSet(images, labels, torch.full((C * k,), 1.0 / k), k, source, flat)
+
+
+def baseline_subset(info, args, ipc: int) -> subsets.ImageSet:
+    """evaluate's `--baseline coreset`: the nearest real images of the barycenters in --out (features.pt,
+    barycenters.pt). Refused when the synthetic set under evaluation was made from other barycenters (its
+    meta records their sha256): the two rows would then answer different questions."""
+    import os
+
+    paths = artifacts.run_paths(args.out)
+    teacher = getattr(args, "teacher", None) or paths.teacher
+    synthetic = getattr(args, "synthetic", None) or paths.synthetic
+    if os.path.isfile(synthetic) and os.path.isfile(paths.barycenters):
+        recorded = artifacts.load(synthetic).get("meta", {}).get("upstream", {}).get("barycenters")
+        if recorded is not None and recorded != artifacts.sha256_file(paths.barycenters):
+            fail(f"--baseline coreset: {synthetic} was recovered from other barycenters than {paths.barycenters} "
+                 "(sha256 differs), so the coreset would not be the distilled set's own atoms' images. Rerun "
+                 "recover.py with these barycenters, or barycenter.py with the recover run's settings.")
+    chosen = load_assignment(info, paths.features, paths.barycenters, teacher if os.path.isfile(teacher) else None)
+    if chosen.shape[1] != ipc:
+        fail(f"--baseline coreset: {paths.barycenters} holds {chosen.shape[1]} atoms per class, but --ipc is {ipc}. "
+             f"Rerun barycenter.py with --ipc {ipc}.")
+    return coreset_subset(info, args, chosen, "nearest-real coreset (barycenter atoms' images, no recover)")
