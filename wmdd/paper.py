@@ -113,6 +113,8 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, default=None, help="students per configuration (default 3)")
     p.add_argument("--nproc", type=int, default=1, help="run every stage under torchrun with N processes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="passed to every stage")
+    p.add_argument("--protocol", default=None, choices=["wmdd", "released"],
+                   help="passed to every stage (wmdd/protocol.py; unset: the stages' default, wmdd)")
     p.add_argument("--dry-run", action="store_true", help="print every stage command it would run, run none")
     p.add_argument("--in-process", action="store_true",
                    help="run each stage's main() in this process (the same commands and files, without an "
@@ -233,6 +235,8 @@ class Commands:
         argv += ["--out", out]
         if a.device != "auto":
             argv += ["--device", a.device]
+        if a.protocol:
+            argv += ["--protocol", a.protocol]
         return argv
 
     def step(self, kind: str, script: str, flags: list, inputs: list, outputs: list) -> Step:
@@ -371,7 +375,7 @@ def build_plan(args, cmd: Commands) -> Plan:
         if "relabel" in stages:
             row.steps.append(cmd.relabel(k, name))
         if "evaluate" in stages:  # the random real subset once per IPC: in the WMDD row
-            row.steps.append(cmd.evaluate(k, name, "random" if name == "wmdd" else "none"))
+            row.steps.append(cmd.evaluate(k, name, "random,full" if name == "wmdd" else "none"))
         rows.append(row)
     if "table2" in only:
         for k in table2_ipcs:
@@ -547,6 +551,9 @@ def read_results(directory: str) -> dict:
 
     return {"soft": top1("distilled/soft"), "hard": top1("distilled/hard"), "random_soft": top1("random/soft"),
             "random_hard": top1("random/hard"), "metrics": res.get("metrics", {}),
+            "soft_best": by_key.get("distilled/soft", {}).get("top1_best"),
+            "full": (res.get("full_data") or {}).get("top1", {}).get("last"),
+            "full_label": (res.get("full_data") or {}).get("label"),
             "teacher": res.get("teacher_val_top1"), "student": res["config"].get("student"),
             "seeds": res["config"].get("seeds"), "epochs": res["config"].get("epochs")}
 
@@ -623,42 +630,26 @@ def _dataset_args(args):
 
 
 def draw_fig4(args, cmd: Commands, syn: dict, path: str) -> None:
-    """t-SNE of real (features.pt) and synthetic teacher features, WMDD and SRe2L, and the diversity."""
-    import torch
+    """The paper's Fig. 4 protocol (wmdd/embedding.py): a fresh model trained on real + both synthetic sets
+    (cached in the WMDD row as embedding_model.pt), t-SNE of its features, and diversity in that space."""
+    from wmdd import embedding
 
-    from wmdd import artifacts, models, report
-
-    info = args.info
-    model, _ = models.load_teacher(cmd.teacher, info)
-    classes = range(min(args.fig_classes, info.num_classes))  # the first --fig-classes classes
-    sets = {}
-    for name, p in syn.items():
-        s = artifacts.load(p, stage="recover")
-        shown = s["labels"] < len(classes)
-        sets[report.method_name(s["meta"])] = (report.image_features(model, s["images"][shown], info),
-                                               s["labels"][shown])
-    feats = artifacts.load(cmd.features, stage="features")
-    real_f, real_y = feats["features"].float(), feats["labels"]
-    g = torch.Generator().manual_seed(0)
-    keep = torch.cat([idx[torch.randperm(len(idx), generator=g)[:50]]
-                      for idx in (torch.nonzero(real_y == c).flatten() for c in classes)])
-    report.tsne_plot(real_f[keep], real_y[keep], sets, path, info.classes)
-    real_shown = real_y < len(classes)
-    real_f, real_y = real_f[real_shown], real_y[real_shown]
-    diversity = {"real (all training images of those classes)": report.mean_pairwise_distance(real_f, real_y)}
-    diversity.update({name: report.mean_pairwise_distance(f, y) for name, (f, y) in sets.items()})
+    out = embedding.figure4(os.path.dirname(syn["wmdd"]), {"SRe2L": os.path.dirname(syn["sre2l"])},
+                            out_dir=args.out)
+    os.replace(out["tsne"], path)
     with open(os.path.join(args.out, "fig4_diversity.json"), "w") as fh:
-        json.dump(diversity, fh, indent=1)
+        json.dump({"diversity": out["diversity"], "caption": out["caption"]}, fh, indent=1)
 
 
 def draw_fig6(args, syn: dict, path: str) -> None:
     """One row per class (the first --fig-classes): WMDD's images | SRe2L's | as many real ones."""
-    from wmdd import artifacts, report
+    from wmdd import artifacts, embedding, report
 
     info = args.info
     wmdd, sre2l = (artifacts.load(syn[n], stage="recover") for n in ("wmdd", "sre2l"))
     per_class = min(int(wmdd["ipc"]), 10)
-    real, real_y = report.real_images(info, _dataset_args(args), per_class)
+    real_set = embedding.real_images(info, embedding.dataset_args(wmdd["meta"]), "train", per_class)
+    real, real_y = real_set.images, real_set.labels
     rows = []
     for c in range(min(args.fig_classes, info.num_classes)):
         rows.append([s["images"][s["labels"] == c][:per_class] for s in (wmdd, sre2l)] + [real[real_y == c]])
@@ -692,16 +683,20 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
     if "table1" in only:
         lines += ["## Table I: WMDD at each IPC", "",
                   "| IPC | WMDD, soft (ours) | WMDD (paper) | WMDD, hard | random real, soft | random real, hard | "
-                  "IOR | HLR | student |", "|---|---|---|---|---|---|---|---|---|"]
+                  "IOR | HLR | LRS | WMDD, soft, best epoch | full data, hard | student |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for ipc in args.ipc:
             r = read_results(cmd.row_dir(ipc, "wmdd"))
             m = r["metrics"]
             lines.append(f"| {ipc} | {fmt(r['soft'])} | {published(args, 'table1', info.name, ipc)} | {fmt(r['hard'])} | "
                          f"{fmt(r['random_soft'])} | {fmt(r['random_hard'])} | {fmt_delta(m.get('IOR'))} | "
-                         f"{fmt_delta(m.get('HLR'))} | {r['student']} |")
-        lines += ["", "IOR = acc(distilled, soft) − acc(random real, soft), paired by seed (what the images add over "
-                  "real ones); HLR = acc(full data, hard) − acc(distilled, hard) with the teacher's val top-1 "
-                  "standing in for the full-data accuracy (DD-Ranking, arXiv 2505.13300)."]
+                         f"{fmt_delta(m.get('HLR'))} | {fmt(m.get('LRS'))} | {fmt(r['soft_best'])} | "
+                         f"{'–' if r['full'] is None else format(r['full'], '.2f')} | {r['student']} |")
+            full_label = r["full_label"]
+        lines += ["", "Last-epoch accuracy unless labelled best epoch. IOR = acc(distilled, soft) − acc(random real, "
+                  "soft), a new random subset per seed, paired by seed; HLR = acc(full data, hard) − acc(distilled, "
+                  f"hard), the full data being {full_label or 'not evaluated'}; LRS = DD-Ranking's label-robust "
+                  "score (wmdd/metrics.py, arXiv 2505.13300)."]
         lines += commands(*(f"ipc{i}/wmdd" for i in args.ipc))
 
     if "table2" in only:
@@ -737,14 +732,11 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
 
     if "fig4" in only:
         with open(os.path.join(args.out, "fig4_diversity.json")) as fh:
-            diversity = json.load(fh)
+            fig4 = json.load(fh)
         lines += [f"## Fig. 4: t-SNE of real and synthetic features at IPC {k}", "", "![Fig. 4](fig4_tsne.png)", "",
-                  f"The first {min(args.fig_classes, info.num_classes)} classes. Features are the teacher's "
-                  "penultimate ones (real: 50 training images per class, dots; synthetic: markers). Within-class "
-                  "diversity, mean pairwise L2 distance of those features averaged over the classes (real: every "
-                  "training image of the classes):", "",
-                  "| set | diversity |", "|---|---|"]
-        lines += [f"| {name} | {value:.3f} |" for name, value in diversity.items()]
+                  fig4["caption"], "", "Within-class diversity (mean pairwise L2 distance of that model's "
+                  "penultimate features, averaged over classes):", "", "| set | diversity |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in fig4["diversity"].items()]
         lines += commands(f"ipc{k}/wmdd", f"ipc{k}/sre2l")
 
     if "fig6" in only:
