@@ -107,14 +107,14 @@ def get_args_parser():
     p.add_argument("--dataset", required=True, help="dataset preset (digits, imagenette, tiny, imagenet, ...)")
     p.add_argument("--data-dir", default=None, help="dataset root (not needed for digits)")
     p.add_argument("--resolution", type=int, default=None, help="protocol resolution (default: the preset's)")
-    p.add_argument("--protocol", default="wmdd", choices=["wmdd", "released"],
-                   help="passed to every stage (README 'Differences from the released code')")
     p.add_argument("--out", required=True, help="reproduction directory (PAPER.md, figures, every run)")
     p.add_argument("--ipc", default=None, help="comma list of IPCs for Table I (default 1,10,50,100)")
     p.add_argument("--only", default=None, help=f"comma list of items to make, of: {','.join(ITEMS)} (default all)")
     p.add_argument("--seeds", type=int, default=None, help="students per configuration (default 3)")
     p.add_argument("--nproc", type=int, default=1, help="run every stage under torchrun with N processes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="passed to every stage")
+    p.add_argument("--protocol", default=None, choices=["wmdd", "released"],
+                   help="passed to every stage (wmdd/protocol.py; unset: the stages' default, wmdd)")
     p.add_argument("--dry-run", action="store_true", help="print every stage command it would run, run none")
     p.add_argument("--in-process", action="store_true",
                    help="run each stage's main() in this process (the same commands and files, without an "
@@ -230,13 +230,13 @@ class Commands:
             argv += ["--data-dir", a.data_dir]
         if a.resolution:
             argv += ["--resolution", str(a.resolution)]
-        if a.protocol != "wmdd":
-            argv += ["--protocol", a.protocol]
         if ipc is not None:
             argv += ["--ipc", str(ipc)]
         argv += ["--out", out]
         if a.device != "auto":
             argv += ["--device", a.device]
+        if a.protocol:
+            argv += ["--protocol", a.protocol]
         return argv
 
     def step(self, kind: str, script: str, flags: list, inputs: list, outputs: list) -> Step:
@@ -374,7 +374,7 @@ def build_plan(args, cmd: Commands) -> Plan:
         row = Row(f"ipc{k}/{name}", [cmd.recover(k, name, flags)])
         if "relabel" in stages:
             row.steps.append(cmd.relabel(k, name))
-        if "evaluate" in stages:  # the random real subsets and the full-data student: in the WMDD row
+        if "evaluate" in stages:  # the random real subset once per IPC: in the WMDD row
             row.steps.append(cmd.evaluate(k, name, "random,full" if name == "wmdd" else "none"))
         rows.append(row)
     if "table2" in only:
@@ -551,16 +551,14 @@ def read_results(directory: str) -> dict:
 
     return {"soft": top1("distilled/soft"), "hard": top1("distilled/hard"), "random_soft": top1("random/soft"),
             "random_hard": top1("random/hard"), "metrics": res.get("metrics", {}),
+            "soft_best": by_key.get("distilled/soft", {}).get("top1_best"),
+            "full": (res.get("full_data") or {}).get("top1", {}).get("last"),
+            "full_label": (res.get("full_data") or {}).get("label"),
             "teacher": res.get("teacher_val_top1"), "student": res["config"].get("student"),
-            "full": (res.get("full_data") or {}).get("top1"), "full_label": (res.get("full_data") or {}).get("label"),
             "seeds": res["config"].get("seeds"), "epochs": res["config"].get("epochs")}
 
 
 def fmt(summary) -> str:
-    return "–" if summary is None else f"{summary['mean']:.2f} ± {summary['std']:.2f}"
-
-
-def fmt_score(summary) -> str:
     return "–" if summary is None else f"{summary['mean']:.2f} ± {summary['std']:.2f}"
 
 
@@ -628,22 +626,19 @@ def draw_fig2(args, cmd: Commands, plan: Plan, path: str) -> None:
 
 def _dataset_args(args):
     return argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, resolution=args.info.resolution,
-                              download=False, workers=0, protocol=args.protocol)
+                              download=False, workers=0)
 
 
 def draw_fig4(args, cmd: Commands, syn: dict, path: str) -> None:
-    """The paper's Fig. 4 (wmdd.embedding.figure4): a fresh model, not the teacher, trained on the real
-    training images + the WMDD and SRe2L sets; t-SNE of its features and the within-class diversity there."""
-    import shutil
-
+    """The paper's Fig. 4 protocol (wmdd/embedding.py): a fresh model trained on real + both synthetic sets
+    (cached in the WMDD row as embedding_model.pt), t-SNE of its features, and diversity in that space."""
     from wmdd import embedding
 
-    wmdd_dir, sre2l_dir = (os.path.dirname(syn[n]) for n in ("wmdd", "sre2l"))
-    fig = embedding.figure4(wmdd_dir, {"SRe2L": sre2l_dir}, out_dir=wmdd_dir)
-    shutil.copyfile(fig["tsne"], path)
+    out = embedding.figure4(os.path.dirname(syn["wmdd"]), {"SRe2L": os.path.dirname(syn["sre2l"])},
+                            out_dir=args.out)
+    os.replace(out["tsne"], path)
     with open(os.path.join(args.out, "fig4_diversity.json"), "w") as fh:
-        json.dump({"diversity": fig["diversity"], "caption": fig["caption"],
-                   "diversity_caption": fig["diversity_caption"]}, fh, indent=1)
+        json.dump({"diversity": out["diversity"], "caption": out["caption"]}, fh, indent=1)
 
 
 def draw_fig6(args, syn: dict, path: str) -> None:
@@ -653,7 +648,7 @@ def draw_fig6(args, syn: dict, path: str) -> None:
     info = args.info
     wmdd, sre2l = (artifacts.load(syn[n], stage="recover") for n in ("wmdd", "sre2l"))
     per_class = min(int(wmdd["ipc"]), 10)
-    real_set = embedding.real_images(info, _dataset_args(args), "train", per_class)
+    real_set = embedding.real_images(info, embedding.dataset_args(wmdd["meta"]), "train", per_class)
     real, real_y = real_set.images, real_set.labels
     rows = []
     for c in range(min(args.fig_classes, info.num_classes)):
@@ -688,20 +683,20 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
     if "table1" in only:
         lines += ["## Table I: WMDD at each IPC", "",
                   "| IPC | WMDD, soft (ours) | WMDD (paper) | WMDD, hard | random real, soft | random real, hard | "
-                  "full data, hard | IOR | HLR | LRS | student |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "IOR | HLR | LRS | WMDD, soft, best epoch | full data, hard | student |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for ipc in args.ipc:
             r = read_results(cmd.row_dir(ipc, "wmdd"))
             m = r["metrics"]
             lines.append(f"| {ipc} | {fmt(r['soft'])} | {published(args, 'table1', info.name, ipc)} | {fmt(r['hard'])} | "
-                         f"{fmt(r['random_soft'])} | {fmt(r['random_hard'])} | "
-                         f"{'–' if not r['full'] else format(r['full']['last'], '.2f')} | {fmt_delta(m.get('IOR'))} | "
-                         f"{fmt_delta(m.get('HLR'))} | {fmt_score(m.get('LRS'))} | {r['student']} |")
-        lines += ["", "IOR = acc(distilled, soft) − acc(random real, soft), paired by seed (what the images add over "
-                  "real ones), a new random subset per seed; HLR = acc(full data, hard) − acc(distilled, hard), the "
-                  "full-data accuracy from a student of the same architecture trained on the whole training set with "
-                  "hard labels and the same recipe; LRS = (e^α − e^−1) / (e − e^−1), α = 0.5·IOR − 0.5·HLR "
-                  "(fractions); all as DD-Ranking defines them (arXiv 2505.13300, wmdd/metrics.py). Hard-label "
-                  "students train without augmentation (DD-Ranking's default)."]
+                         f"{fmt(r['random_soft'])} | {fmt(r['random_hard'])} | {fmt_delta(m.get('IOR'))} | "
+                         f"{fmt_delta(m.get('HLR'))} | {fmt(m.get('LRS'))} | {fmt(r['soft_best'])} | "
+                         f"{'–' if r['full'] is None else format(r['full'], '.2f')} | {r['student']} |")
+            full_label = r["full_label"]
+        lines += ["", "Last-epoch accuracy unless labelled best epoch. IOR = acc(distilled, soft) − acc(random real, "
+                  "soft), a new random subset per seed, paired by seed; HLR = acc(full data, hard) − acc(distilled, "
+                  f"hard), the full data being {full_label or 'not evaluated'}; LRS = DD-Ranking's label-robust "
+                  "score (wmdd/metrics.py, arXiv 2505.13300)."]
         lines += commands(*(f"ipc{i}/wmdd" for i in args.ipc))
 
     if "table2" in only:
@@ -737,10 +732,11 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
 
     if "fig4" in only:
         with open(os.path.join(args.out, "fig4_diversity.json")) as fh:
-            diversity = json.load(fh)
+            fig4 = json.load(fh)
         lines += [f"## Fig. 4: t-SNE of real and synthetic features at IPC {k}", "", "![Fig. 4](fig4_tsne.png)", "",
-                  diversity["caption"], "", diversity["diversity_caption"], "", "| set | diversity |", "|---|---|"]
-        lines += [f"| {name} | {value:.3f} |" for name, value in diversity["diversity"].items()]
+                  fig4["caption"], "", "Within-class diversity (mean pairwise L2 distance of that model's "
+                  "penultimate features, averaged over classes):", "", "| set | diversity |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in fig4["diversity"].items()]
         lines += commands(f"ipc{k}/wmdd", f"ipc{k}/sre2l")
 
     if "fig6" in only:
