@@ -96,7 +96,6 @@ def hard_run(digits_run, tmp_path_factory):
 HARD = ["--dataset", "digits", "--ipc", 5, "--labels", "hard", "--epochs", 2, "--seeds", 1]
 
 
-@pytest.mark.slow  # three evaluate runs with a full-data student: minutes on a loaded 2-core machine
 def test_full_data_student_trained_once_per_recipe(hard_run, monkeypatch):
     trained, sizes = [], []
     real = evaluate.train_student
