@@ -480,7 +480,7 @@ def run(args, info, world, device, t0):
                                 desc=f"{job.key} seed {job.seed}", world=world)
             if world.is_main:
                 os.makedirs(paths.students, exist_ok=True)
-                _atomic_write(job.path, json.dumps({"fingerprint": job.fingerprint, "record": rec}, indent=1))
+                artifacts.write_text(job.path, json.dumps({"fingerprint": job.fingerprint, "record": rec}, indent=1))
         records[(job.key, job.seed)] = rec
         log(f"[evaluate] {job.key} seed {job.seed}: top-1 {rec['top1']:.2f} (best {metrics.accuracy(rec, 'best'):.2f}) "
             f"top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)")
@@ -527,8 +527,8 @@ def run(args, info, world, device, t0):
     table = metrics.markdown(report)
     if world.is_main:
         os.makedirs(args.out, exist_ok=True)
-        _atomic_write(paths.results_json, json.dumps(report, indent=1, default=str))
-        _atomic_write(paths.results_md, table)
+        artifacts.write_text(paths.results_json, json.dumps(report, indent=1, default=str))
+        artifacts.write_text(paths.results_md, table)
     log(table)
     log(f"[evaluate] wrote {paths.results_json} and {paths.results_md} in {time.time() - t0:.1f}s")
     dist.barrier(world)
@@ -632,13 +632,6 @@ def student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, 
         add("full/hard", args.seed, full, None, hard_spec, bases["full"].describe, hard_desc,
             {"augmentation": hard_spec.as_dict(), "images": len(full), "dataset": info.name})
     return jobs
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

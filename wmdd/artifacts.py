@@ -148,6 +148,15 @@ def make_meta(stage: str, args, info, upstream: dict | None = None, **extra) -> 
     return meta
 
 
+def write_text(path, text: str) -> str:
+    """Atomically write a text file (temp file + rename): a reader never sees half of it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 def save(path, payload: dict, meta: dict) -> str:
     """Atomically write {**payload, "meta": meta} to path (temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

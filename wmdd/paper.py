@@ -62,7 +62,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from wmdd import cli, data
+from wmdd import artifacts, cli, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITEMS = ("table1", "table2", "table3", "fig2", "fig4", "fig6", "table4")
@@ -426,10 +426,7 @@ class Ledger:
         self.records[step.key] = {"kind": step.kind, "inputs": [fingerprint(p) for p in step.inputs],
                                   "outputs": [fingerprint(p) for p in step.outputs], "wall_s": round(wall_s, 1),
                                   "machine": machine}
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump(self.records, fh, indent=1)
-        os.replace(tmp, self.path)
+        artifacts.write_text(self.path, json.dumps(self.records, indent=1))
 
     def wall(self, key: str):
         rec = self.records.get(key)
@@ -643,7 +640,7 @@ def draw_fig4(args, cmd: Commands, syn: dict, path: str) -> None:
 
 def draw_fig6(args, syn: dict, path: str) -> None:
     """One row per class (the first --fig-classes): WMDD's images | SRe2L's | as many real ones."""
-    from wmdd import artifacts, embedding, report
+    from wmdd import embedding, report
 
     info = args.info
     wmdd, sre2l = (artifacts.load(syn[n], stage="recover") for n in ("wmdd", "sre2l"))
@@ -746,7 +743,6 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
         lines += commands(f"ipc{k}/wmdd", f"ipc{k}/sre2l")
 
     if "table4" in only:
-        from wmdd import artifacts
         lines += [f"## Table IV: recover cost at IPC {k}", "",
                   "| method | time / iteration (ms) | peak memory (MiB) | measured as | device | paper (V100) |",
                   "|---|---|---|---|---|---|"]
@@ -771,11 +767,7 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
             lines.append(f"| `{step.key}` | {fmt_duration(wall)} |")
     lines += [f"| total | {fmt_duration(total)} |", ""]
     path = os.path.join(args.out, "PAPER.md")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return artifacts.write_text(path, "\n".join(lines))
 
 
 def write_commands(args, rows: list, invocation: str) -> str:
