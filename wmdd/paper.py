@@ -621,11 +621,6 @@ def draw_fig2(args, cmd: Commands, plan: Plan, path: str) -> None:
     plt.close(fig)
 
 
-def _dataset_args(args):
-    return argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, resolution=args.info.resolution,
-                              download=False, workers=0)
-
-
 def draw_fig4(args, cmd: Commands, syn: dict, path: str) -> None:
     """The paper's Fig. 4 protocol (wmdd/embedding.py): a fresh model trained on real + both synthetic sets
     (cached in the WMDD row as embedding_model.pt), t-SNE of its features, and diversity in that space."""
