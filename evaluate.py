@@ -37,9 +37,11 @@ Honest comparison, as DD-Ranking (arXiv 2505.13300; its evaluator `ddranking` 0.
   seed (seed s -> subset s, its indices in results.json), with the teacher's soft labels computed online
   and compressed as the stored ones, and with hard labels; `full` trains one hard-label student of the
   evaluation architecture (`--student`) on the whole real training set with the same recipe (epochs,
-  batch, optimiser, schedule): acc(full data, hard) for HLR. It depends only on the dataset, the
-  architecture and the recipe (not the synthetic set, teacher, labels or IPC), so it is trained once
-  (with --seed) and kept in students/ across reruns; a changed recipe retrains it.
+  optimiser, schedule), in batches of `--full-batch-size` (default 256, DD-Ranking's real_batch_size: the
+  IPC-bound KD batch, 10 at IPC 1, would make it 25x more steps): acc(full data, hard) for HLR. It
+  depends only on the dataset, the architecture and the recipe (not the synthetic set, teacher, labels
+  or IPC), so it is trained once (with --seed) and kept in students/ across reruns and IPCs; a changed
+  recipe retrains it.
 - `--full-data-acc X`: use X (percent, e.g. a published value for ImageNet) instead of training the
   full-data student; recorded and printed as user-given. Outside [0, 100]: refused (exit 2).
 - `--hlr-reference teacher`: the teacher's val top-1 stands in for acc(full data, hard), only when asked,
@@ -124,6 +126,8 @@ def get_args_parser():
                    help="comma list of real-image baselines trained with the same recipe: random (IPC random real "
                         "images per class, a new subset per seed), full (the full training set, hard labels: HLR's "
                         "reference); or none")
+    g.add_argument("--full-batch-size", type=int, default=256,
+                   help="the full-data student's batch (DD-Ranking's real_batch_size; independent of the IPC)")
     g.add_argument("--full-data-acc", type=float, default=None,
                    help="acc(full data, hard) in percent, given (e.g. a published value): no full-data student")
     g.add_argument("--hlr-reference", default="student", choices=["student", "teacher"],
@@ -260,6 +264,7 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
     t0 = time.time()
     torch.manual_seed(seed)
     model = models.build_model(args.student, info.num_classes, info.stem, info.image_size).to(device)
+    channels_last = models.training_layout(model, device)
     net = model
     if world.enabled:
         if device.type == "cuda":
@@ -281,7 +286,7 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
     for item in bar:
         n = item["x"].shape[0]
         rows = dist.rank_slice(n, world)  # this rank's part of the batch (all of it in one process)
-        x = item["x"][rows.start:rows.stop].to(device, non_blocking=True)
+        x = models.as_layout(item["x"][rows.start:rows.stop].to(device, non_blocking=True), channels_last)
         index, mix = item["index"].to(device), item["mix_index"].to(device)
         lam = float(item["lam_area"])
         y = labels[index]
@@ -325,7 +330,7 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
 
 # the settings a full-data student depends on: the recipe and the dataset, not the synthetic set, the
 # teacher, the labels or the IPC, so one is trained per dataset, student architecture and recipe
-FULL_DATA_RECIPE = ("dataset", "resolution", "student", "epochs", "batch_size", "lr", "weight_decay", "eval_every",
+FULL_DATA_RECIPE = ("dataset", "resolution", "student", "epochs", "full_batch_size", "lr", "weight_decay", "eval_every",
                     "protocol")
 
 
@@ -337,6 +342,8 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
                            "labels_dir")}
     if key.startswith("full/"):
         config = {k: v for k, v in config.items() if k in FULL_DATA_RECIPE}
+    else:  # the IPC's batch is the others' own
+        config.pop("full_batch_size", None)
     blob = json.dumps({"config": config, "key": key, "seed": seed, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -425,8 +432,9 @@ def run(args, info, world, device, t0):
         if topk is not None and rank is not None:
             cli.fail("--topk and --rank are two ways to compress the labels: pass one of them.")
     data.preset_defaults(args, "evaluate")
-    if args.epochs < 1 or args.batch_size < 1:
-        cli.fail(f"--epochs and --batch-size must be at least 1 (got {args.epochs}, {args.batch_size}).")
+    if args.epochs < 1 or args.batch_size < 1 or args.full_batch_size < 1:
+        cli.fail(f"--epochs, --batch-size and --full-batch-size must be at least 1 (got {args.epochs}, "
+                 f"{args.batch_size}, {args.full_batch_size}).")
     if args.eval_every is None:
         args.eval_every = max(1, args.epochs // 5)
     full_source = full_data_source(args, bases)
@@ -589,11 +597,11 @@ def student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, 
     hard_desc = "hard, soft recipe's augmentation (--hard-label-aug)" if args.hard_label_aug else \
         "hard, no augmentation (DD-Ranking)"
     online = lambda: OnlineLabels(teacher, info.num_classes, topk, precision, rank)  # noqa: E731
-    plan_for = lambda iset: augment.ReplayPlan(len(iset), args.batch_size, aug_seed)  # noqa: E731
     jobs = []
 
     def add(key, seed, iset, source, sp, images_desc, label_desc, depends):
-        plan = plan_for(iset)
+        batch = args.full_batch_size if key.startswith("full/") else args.batch_size
+        plan = augment.ReplayPlan(len(iset), batch, aug_seed)
         jobs.append(Job(key, seed, iset, source, sp, plan, images_desc, label_desc,
                         student_path(paths, key, seed, args.student),
                         student_fingerprint(args, key, seed, depends)))

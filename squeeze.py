@@ -65,6 +65,7 @@ def train_teacher(args, info, device, paths, world) -> tuple:
     """SGD + cosine, validated every epoch; resumes from squeeze_checkpoint.pt. Returns (model, val top-1).
     Under torchrun: DistributedDataParallel, --batch-size split across ranks, rank 0 validates and saves."""
     model = models.build_model(args.arch, info.num_classes, info.stem, info.image_size).to(device)
+    channels_last = models.training_layout(model, device)
     train_set = data.build_dataset(info, args, "train", augment=True)
     val_loader = DataLoader(data.build_dataset(info, args, "val"), batch_size=args.stats_batch_size,
                             num_workers=args.workers)
@@ -112,7 +113,7 @@ def train_teacher(args, info, device, paths, world) -> tuple:
                                 generator=engine.epoch_generator(args.seed, epoch))
         running, seen = 0.0, 0
         for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not world.is_main):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = models.as_layout(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
             loss = criterion(net(x), y)
             if not torch.isfinite(loss):
                 cli.fail(f"the teacher's loss became {loss.item()} in epoch {epoch + 1}. Lower --lr; the last "

@@ -192,3 +192,40 @@ def test_end_to_end_two_epochs(labelled, capsys):
         assert word in table, word
     assert "stand-in" not in table.lower()
     assert table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["convnet", "resnet18"])
+def test_channels_last_training_matches_nchw(arch):
+    """models.training_layout (the CPU students' and teacher's layout) changes only the memory format: in
+    float64, where summation order no longer shows, three AdamW steps give NCHW training's losses and
+    weights, and the state_dict loads into a fresh NCHW model that gives the same logits."""
+    torch.manual_seed(0)
+    nchw = models.build_model(arch, 10, "small", 16).double()
+    cl = models.build_model(arch, 10, "small", 16).double()
+    cl.load_state_dict(nchw.state_dict())
+    assert models.training_layout(cl, "cpu") and not models.training_layout(nn.Linear(2, 2), "meta")
+    conv = next(m for m in cl.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (8,))
+    x_cl = models.as_layout(x, True)
+    assert x_cl.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(memory_format=torch.channels_last)
+    assert models.as_layout(x, False) is x
+    losses = {}
+    for name, model, inp in (("nchw", nchw, x), ("cl", cl, x_cl)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model.train()
+        for step in range(3):
+            loss = F.cross_entropy(model(inp), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name, step] = loss.item()
+    for step in range(3):
+        assert losses["cl", step] == pytest.approx(losses["nchw", step], rel=1e-9)
+    assert losses["nchw", 2] < losses["nchw", 0]
+    for p_cl, p_nchw in zip(cl.parameters(), nchw.parameters()):
+        torch.testing.assert_close(p_cl, p_nchw, rtol=1e-9, atol=1e-9)
+    fresh = models.build_model(arch, 10, "small", 16).double()
+    fresh.load_state_dict(cl.state_dict())
+    fresh.eval(), nchw.eval()
+    torch.testing.assert_close(fresh(x), nchw(x), rtol=1e-9, atol=1e-9)

@@ -117,9 +117,21 @@ def test_full_data_student_trained_once_per_recipe(hard_run, monkeypatch):
     assert next(r for r in second["runs"] if r["key"] == "full/hard")["per_seed"] == full_run["per_seed"]
     assert second["metrics"]["HLR"]["per_seed"] == pytest.approx(
         [full_run["per_seed"][0]["top1"] - second["runs"][0]["per_seed"][0]["top1"]])
+    # another student batch (another IPC's KD batch): the full-data student, in its own batch, is kept
+    batches = []
+    monkeypatch.setattr(evaluate, "train_student",
+                        lambda iset, source, args, info, spec, plan, *a, desc, **k: trained.append(desc.split()[0])
+                        or batches.append(plan.batch_size) or real(iset, source, args, info, spec, plan, *a, desc=desc, **k))
+    trained.clear()
+    run_stage(evaluate, argv + ["--batch-size", 7])
+    assert trained == ["distilled/hard"] and batches == [7]
+    # another full-data batch: only the full-data student is retrained, in that batch
+    trained.clear(), batches.clear()
+    run_stage(evaluate, argv + ["--batch-size", 7, "--full-batch-size", 128])
+    assert trained == ["full/hard"] and batches == [128]
     # another recipe (learning rate): both retrained
     trained.clear()
-    run_stage(evaluate, argv + ["--lr", "0.002"])
+    run_stage(evaluate, argv + ["--batch-size", 7, "--full-batch-size", 128, "--lr", "0.002"])
     assert trained == ["distilled/hard", "full/hard"]
 
 

@@ -151,6 +151,7 @@ def train_embedding_model(info, args, real: subsets.ImageSet, synthetic: dict, *
     train_set = torch.utils.data.TensorDataset(images, labels)
     torch.manual_seed(recipe.seed)
     model = models.build_from_spec(spec).to(device)
+    channels_last = models.training_layout(model, device)
     loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True,
                         drop_last=len(train_set) > recipe.batch_size,
                         generator=torch.Generator().manual_seed(recipe.seed))
@@ -161,7 +162,7 @@ def train_embedding_model(info, args, real: subsets.ImageSet, synthetic: dict, *
     bar = tqdm(total=steps, desc="embedding model (real + synthetic)", leave=False, disable=not progress)
     for _ in range(recipe.epochs):
         for x, y in loader:
-            loss = F.cross_entropy(model(model_input(info, x.to(device))), y.to(device))
+            loss = F.cross_entropy(model(models.as_layout(model_input(info, x.to(device)), channels_last)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

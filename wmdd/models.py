@@ -206,3 +206,19 @@ def load_teacher(path, info, device="cpu", arch: str | None = None):
     for p in model.parameters():
         p.requires_grad_(False)
     return model, artifact
+
+
+def training_layout(model: nn.Module, device) -> bool:
+    """channels_last weights for training on the CPU, where oneDNN's convolution, BatchNorm and pooling
+    run in that layout without reorders (ConvNet-128 steps 1.3x faster at 32 px, 1.6x at 16 px;
+    bench/bench_layout.py). Returns whether it applied: the caller then passes inputs through
+    `as_layout`. The numbers are the same up to float summation order; state_dicts load either way."""
+    if torch.device(device).type != "cpu":
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
+def as_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An image batch in the layout `training_layout` chose (a no-op for NCHW or non-image inputs)."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
