@@ -40,8 +40,9 @@ Honest comparison, as DD-Ranking (arXiv 2505.13300; its evaluator `ddranking` 0.
   optimiser, schedule), in batches of `--full-batch-size` (default 256, DD-Ranking's real_batch_size: the
   IPC-bound KD batch, 10 at IPC 1, would make it 25x more steps): acc(full data, hard) for HLR. It
   depends only on the dataset, the architecture and the recipe (not the synthetic set, teacher, labels
-  or IPC), so it is trained once (with --seed) and kept in students/ across reruns and IPCs; a changed
-  recipe retrains it.
+  or IPC), so it is trained once (with --seed) and kept in students/ (or `--full-data-dir DIR`, shared by
+  the runs of one dataset: the paper harness keeps it in shared/students/) across reruns and IPCs; a
+  changed recipe retrains it.
 - `--full-data-acc X`: use X (percent, e.g. a published value for ImageNet) instead of training the
   full-data student; recorded and printed as user-given. Outside [0, 100]: refused (exit 2).
 - `--hlr-reference teacher`: the teacher's val top-1 stands in for acc(full data, hard), only when asked,
@@ -128,6 +129,9 @@ def get_args_parser():
                         "reference); or none")
     g.add_argument("--full-batch-size", type=int, default=256,
                    help="the full-data student's batch (DD-Ranking's real_batch_size; independent of the IPC)")
+    g.add_argument("--full-data-dir", default=None,
+                   help="where the full-data student is kept (default <out>/students): one directory shared by "
+                        "several runs of a dataset (other IPCs, rows) trains it once")
     g.add_argument("--full-data-acc", type=float, default=None,
                    help="acc(full data, hard) in percent, given (e.g. a published value): no full-data student")
     g.add_argument("--hlr-reference", default="student", choices=["student", "teacher"],
@@ -339,7 +343,7 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
     config = {k: v for k, v in cli.args_dict(args).items()
               if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
                            "val_batch_size", "teacher", "synthetic", "full_data_acc", "hlr_reference", "ars",
-                           "labels_dir")}
+                           "labels_dir", "full_data_dir")}
     if key.startswith("full/"):
         config = {k: v for k, v in config.items() if k in FULL_DATA_RECIPE}
     else:  # the IPC's batch is the others' own
@@ -348,9 +352,10 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def student_path(paths, key: str, seed: int, arch: str) -> str:
-    tag = f"-{arch}" if key.startswith("full/") else ""  # the full-data student: one per architecture
-    return os.path.join(paths.students, f"{key.replace('/', '-')}{tag}-seed{seed}.json")
+def student_path(paths, key: str, seed: int, arch: str, full_data_dir: str | None = None) -> str:
+    if key.startswith("full/"):  # the full-data student: one per architecture, in --full-data-dir if given
+        return os.path.join(full_data_dir or paths.students, f"{key.replace('/', '-')}-{arch}-seed{seed}.json")
+    return os.path.join(paths.students, f"{key.replace('/', '-')}-seed{seed}.json")
 
 
 def finished_student(path: str, fingerprint: str):
@@ -487,7 +492,7 @@ def run(args, info, world, device, t0):
             rec = train_student(job.iset, job.source, args, info, job.spec, job.plan, device, val_loader, job.seed,
                                 desc=f"{job.key} seed {job.seed}", world=world)
             if world.is_main:
-                os.makedirs(paths.students, exist_ok=True)
+                os.makedirs(os.path.dirname(job.path), exist_ok=True)
                 artifacts.write_text(job.path, json.dumps({"fingerprint": job.fingerprint, "record": rec}, indent=1))
         records[(job.key, job.seed)] = rec
         log(f"[evaluate] {job.key} seed {job.seed}: top-1 {rec['top1']:.2f} (best {metrics.accuracy(rec, 'best'):.2f}) "
@@ -603,7 +608,7 @@ def student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, 
         batch = args.full_batch_size if key.startswith("full/") else args.batch_size
         plan = augment.ReplayPlan(len(iset), batch, aug_seed)
         jobs.append(Job(key, seed, iset, source, sp, plan, images_desc, label_desc,
-                        student_path(paths, key, seed, args.student),
+                        student_path(paths, key, seed, args.student, args.full_data_dir),
                         student_fingerprint(args, key, seed, depends)))
 
     soft = args.labels != "hard"

@@ -134,7 +134,8 @@ def train_teacher(args, info, device, paths, world) -> tuple:
                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "val": val, "recipe": recipe},
                            artifacts.make_meta("squeeze-checkpoint", args, info))
         dist.barrier(world)
-    return model, val["top1"]
+    # back to NCHW: the statistics pass and the saved teacher then equal those of a reloaded teacher
+    return model.to(memory_format=torch.contiguous_format), val["top1"]
 
 
 def main(args):

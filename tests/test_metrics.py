@@ -125,14 +125,29 @@ def test_full_data_student_trained_once_per_recipe(hard_run, monkeypatch):
     trained.clear()
     run_stage(evaluate, argv + ["--batch-size", 7])
     assert trained == ["distilled/hard"] and batches == [7]
-    # another full-data batch: only the full-data student is retrained, in that batch
+    # another recipe (learning rate, full-data batch): both retrained, the full-data one in its batch
     trained.clear(), batches.clear()
-    run_stage(evaluate, argv + ["--batch-size", 7, "--full-batch-size", 128])
-    assert trained == ["full/hard"] and batches == [128]
-    # another recipe (learning rate): both retrained
-    trained.clear()
     run_stage(evaluate, argv + ["--batch-size", 7, "--full-batch-size", 128, "--lr", "0.002"])
-    assert trained == ["distilled/hard", "full/hard"]
+    assert trained == ["distilled/hard", "full/hard"] and batches == [7, 128]
+
+
+def test_full_data_dir_trains_one_full_data_student_for_several_runs(hard_run, tmp_path, monkeypatch):
+    """--full-data-dir (what the paper harness passes every IPC's run): the second run, another IPC in
+    another directory, reuses the first run's full-data student and reports its accuracy."""
+    other = copy_run(hard_run, tmp_path / "ipc2")
+    make_synthetic(other, ipc=2)
+    shared = tmp_path / "shared-students"
+    trained = []
+    real = evaluate.train_student
+    monkeypatch.setattr(evaluate, "train_student",
+                        lambda *a, desc, **k: trained.append(desc.split()[0]) or real(*a, desc=desc, **k))
+    first = run_stage(evaluate, HARD + ["--out", hard_run, "--baseline", "full", "--full-data-dir", shared])
+    assert "full/hard" in trained and len(os.listdir(shared)) == 1
+    trained.clear()
+    argv = ["--dataset", "digits", "--ipc", 2, "--labels", "hard", "--epochs", 2, "--seeds", 1]
+    second = run_stage(evaluate, argv + ["--out", other, "--baseline", "full", "--full-data-dir", shared])
+    assert trained == ["distilled/hard"]
+    assert second["full_data"]["top1"] == first["full_data"]["top1"]
 
 
 def test_hard_label_students_see_unaugmented_images(hard_run, monkeypatch):

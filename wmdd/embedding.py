@@ -170,7 +170,7 @@ def train_embedding_model(info, args, real: subsets.ImageSet, synthetic: dict, *
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()  # the layout a cached copy loads in: equal features
     record = {"arch": arch, "recipe": asdict(recipe), "train_size": len(train_set), "real_size": len(real),
               "synthetic_sizes": {name: len(s) for name, s in synthetic.items()},
               "val_top1": accuracy(model, val, info) if val is not None else None,

@@ -28,7 +28,8 @@ uses the IPCs of --ipc among 10 and 50 (else the focus IPC).
 
 Layout of --out (one squeeze per dataset, one barycenter per IPC; rows differ in recover flags only):
 
-    shared/        teacher.pt, bn_stats.pt (squeeze.py), features.pt (barycenter.py --features)
+    shared/        teacher.pt, bn_stats.pt (squeeze.py), features.pt (barycenter.py --features),
+                   students/ (evaluate --full-data-dir: the full-data student of each architecture, once)
     ipc<K>/        barycenters.pt (barycenter.py --teacher shared/teacher.pt --features shared/features.pt)
     ipc<K>/<row>/  synthetic.pt, labels/, results.json of that row (recover --teacher --bn-stats
                    --barycenters from above; relabel and evaluate --teacher)
@@ -309,6 +310,8 @@ class Commands:
         src = self.row_dir(ipc, source or row)
         flags = self.common(out, ipc) + ["--teacher", self.teacher, "--seeds", str(self.args.seeds),
                                          "--baseline", baseline]
+        if "full" in baseline.split(","):  # one full-data student per architecture for every IPC and row
+            flags += ["--full-data-dir", os.path.join(self.shared, "students")]
         if student:
             flags += ["--student", student]
         if source:
