@@ -19,7 +19,10 @@ wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a r
     sre2l      recover --sre2l (SRe2L's recover), noise start
     wmdd       recover with the paper's defaults (noise start)
     nearest    recover --init nearest
-    ROWS below lists the levers kept as named rows.
+    best       recover --init nearest --iterations 10 --crop-scale 0.5 1 (the README's best configuration)
+
+The tables in bench/RESULTS.md add rows NAME=FLAGS for the other iteration counts and crop scales tried
+(near50=--init nearest --iterations 50, near50c=... --crop-scale 0.5 1, near20c, near10c = best).
 
 Writes --report (markdown: top-1 mean +- std over seeds, IOR = acc(row) - acc(random) paired by seed,
 soft and hard labels, per IPC) and, beside it, the same numbers as .json. A rerun with the same --work
@@ -44,6 +47,8 @@ ROWS = {  # name -> recover flags (the column's --iterations is added unless the
     "sre2l": ["--sre2l"],
     "wmdd": [],
     "nearest": ["--init", "nearest"],
+    # the README's best configuration (bench/RESULTS.md, "Against random real images")
+    "best": ["--init", "nearest", "--iterations", "10", "--crop-scale", "0.5", "1"],
 }
 SHARED = ("teacher.pt", "bn_stats.pt", "features.pt", "barycenters.pt")
 
@@ -124,7 +129,7 @@ def main():
     p.add_argument("--iterations", type=int, required=True, help="recover iterations of every row")
     p.add_argument("--epochs", type=int, required=True, help="student epochs of every row")
     p.add_argument("--student", default=None, help="evaluate --student (default: the preset's)")
-    p.add_argument("--rows", default="random,coreset,sre2l,wmdd,nearest")
+    p.add_argument("--rows", default="random,coreset,sre2l,wmdd,nearest,best")
     p.add_argument("--baselines", default="random,coreset",
                    help="evaluate --baseline list run beside the first recover row (rows named like them)")
     p.add_argument("--squeeze-args", default="", help="extra squeeze.py flags (the teacher recipe)")
