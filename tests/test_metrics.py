@@ -134,6 +134,7 @@ def test_full_data_student_trained_once_per_recipe(hard_run, monkeypatch):
 def test_full_data_dir_trains_one_full_data_student_for_several_runs(hard_run, tmp_path, monkeypatch):
     """--full-data-dir (what the paper harness passes every IPC's run): the second run, another IPC in
     another directory, reuses the first run's full-data student and reports its accuracy."""
+    mine = copy_run(hard_run, tmp_path / "ipc5")  # copies: the module's other tests keep hard_run's students
     other = copy_run(hard_run, tmp_path / "ipc2")
     make_synthetic(other, ipc=2)
     shared = tmp_path / "shared-students"
@@ -141,7 +142,7 @@ def test_full_data_dir_trains_one_full_data_student_for_several_runs(hard_run, t
     real = evaluate.train_student
     monkeypatch.setattr(evaluate, "train_student",
                         lambda *a, desc, **k: trained.append(desc.split()[0]) or real(*a, desc=desc, **k))
-    first = run_stage(evaluate, HARD + ["--out", hard_run, "--baseline", "full", "--full-data-dir", shared])
+    first = run_stage(evaluate, HARD + ["--out", mine, "--baseline", "full", "--full-data-dir", shared])
     assert "full/hard" in trained and len(os.listdir(shared)) == 1
     trained.clear()
     argv = ["--dataset", "digits", "--ipc", 2, "--labels", "hard", "--epochs", 2, "--seeds", 1]
