@@ -334,6 +334,11 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
 
 # the settings a full-data student depends on: the recipe and the dataset, not the synthetic set, the
 # teacher, the labels or the IPC, so one is trained per dataset, student architecture and recipe
+def is_full_data(key: str) -> bool:
+    """The full-data student's job key ('full/hard'): its own batch, recipe subset and file location."""
+    return key.startswith("full/")
+
+
 FULL_DATA_RECIPE = ("dataset", "resolution", "student", "epochs", "full_batch_size", "lr", "weight_decay", "eval_every",
                     "protocol")
 
@@ -344,7 +349,7 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
               if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
                            "val_batch_size", "teacher", "synthetic", "full_data_acc", "hlr_reference", "ars",
                            "labels_dir", "full_data_dir")}
-    if key.startswith("full/"):
+    if is_full_data(key):
         config = {k: v for k, v in config.items() if k in FULL_DATA_RECIPE}
     else:  # the IPC's batch is the others' own
         config.pop("full_batch_size", None)
@@ -353,7 +358,7 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
 
 
 def student_path(paths, key: str, seed: int, arch: str, full_data_dir: str | None = None) -> str:
-    if key.startswith("full/"):  # the full-data student: one per architecture, in --full-data-dir if given
+    if is_full_data(key):  # the full-data student: one per architecture, in --full-data-dir if given
         return os.path.join(full_data_dir or paths.students, f"{key.replace('/', '-')}-{arch}-seed{seed}.json")
     return os.path.join(paths.students, f"{key.replace('/', '-')}-seed{seed}.json")
 
@@ -522,7 +527,7 @@ def run(args, info, world, device, t0):
                     label=f"a {args.student} student trained on the full training set, hard labels, same recipe")
     scores = {}
     for v in metrics.VARIANTS:
-        acc = {r["key"]: [metrics.accuracy(x, v) for x in r["per_seed"]] for r in runs if not r["key"].startswith("full/")}
+        acc = {r["key"]: [metrics.accuracy(x, v) for x in r["per_seed"]] for r in runs if not is_full_data(r["key"])}
         scores[v] = metrics.scores(acc, None if full_source is None else [full["top1"][v]] * len(seeds))
     report = {
         "config": {**cli.args_dict(args), "seeds_used": seeds, "augmentation": spec.as_dict(),
@@ -605,7 +610,7 @@ def student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, 
     jobs = []
 
     def add(key, seed, iset, source, sp, images_desc, label_desc, depends):
-        batch = args.full_batch_size if key.startswith("full/") else args.batch_size
+        batch = args.full_batch_size if is_full_data(key) else args.batch_size
         plan = augment.ReplayPlan(len(iset), batch, aug_seed)
         jobs.append(Job(key, seed, iset, source, sp, plan, images_desc, label_desc,
                         student_path(paths, key, seed, args.student, args.full_data_dir),

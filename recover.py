@@ -386,8 +386,7 @@ class Objective:
         """(features [n, d] fp32, logits or None, [(count, mean, var)] per BN layer) of the batch x
         (groups: classes in x for per-class statistics, else 1; shifts: per-layer [groups, C] mean guesses)."""
         self.groups, self.moments, self.shifts = groups, [], shifts
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = models.as_layout(x, self.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             feats = models.penultimate(self.model, x)
             logits = self.head(feats) if self.r_ce else None

@@ -194,10 +194,11 @@ def test_end_to_end_two_epochs(labelled, capsys):
     assert table in capsys.readouterr().out
 
 
-def test_channels_last_training_matches_nchw(arch="convnet"):
+def test_channels_last_training_matches_nchw():
     """models.training_layout (the CPU students' and teacher's layout) changes only the memory format: in
     float64, where summation order no longer shows, three AdamW steps give NCHW training's losses and
     weights, and the state_dict loads into a fresh NCHW model that gives the same logits."""
+    arch = "convnet"
     torch.manual_seed(0)
     nchw = models.build_model(arch, 10, "small", 16).double()
     cl = models.build_model(arch, 10, "small", 16).double()

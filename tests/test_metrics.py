@@ -97,11 +97,12 @@ HARD = ["--dataset", "digits", "--ipc", 5, "--labels", "hard", "--epochs", 2, "-
 
 
 def test_full_data_student_trained_once_per_recipe(hard_run, monkeypatch):
-    trained, sizes = [], []
+    trained, sizes, batches = [], [], []
     real = evaluate.train_student
     monkeypatch.setattr(evaluate, "train_student",
-                        lambda iset, *a, desc, **k: trained.append(desc.split()[0]) or sizes.append(len(iset))
-                        or real(iset, *a, desc=desc, **k))
+                        lambda iset, source, args, info, spec, plan, *a, desc, **k: trained.append(desc.split()[0])
+                        or sizes.append(len(iset)) or batches.append(plan.batch_size)
+                        or real(iset, source, args, info, spec, plan, *a, desc=desc, **k))
     argv = HARD + ["--out", hard_run, "--baseline", "full"]
     first = run_stage(evaluate, argv)
     assert trained == ["distilled/hard", "full/hard"]
@@ -118,11 +119,7 @@ def test_full_data_student_trained_once_per_recipe(hard_run, monkeypatch):
     assert second["metrics"]["HLR"]["per_seed"] == pytest.approx(
         [full_run["per_seed"][0]["top1"] - second["runs"][0]["per_seed"][0]["top1"]])
     # another student batch (another IPC's KD batch): the full-data student, in its own batch, is kept
-    batches = []
-    monkeypatch.setattr(evaluate, "train_student",
-                        lambda iset, source, args, info, spec, plan, *a, desc, **k: trained.append(desc.split()[0])
-                        or batches.append(plan.batch_size) or real(iset, source, args, info, spec, plan, *a, desc=desc, **k))
-    trained.clear()
+    trained.clear(), batches.clear()
     run_stage(evaluate, argv + ["--batch-size", 7])
     assert trained == ["distilled/hard"] and batches == [7]
     # another recipe (learning rate, full-data batch): both retrained, the full-data one in its batch
