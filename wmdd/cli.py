@@ -80,7 +80,8 @@ def print_config(stage: str, args, **extra) -> None:
     print(f"[{stage}] configuration:")
     for k, v in config.items():
         print(f"  {k:>18} = {v}")
-    from wmdd import protocol
+    from wmdd import engine, protocol
+    print(f"[{stage}] CPU allocator: {engine.tune_cpu_allocator()}")
     for line in protocol.block(stage, args):
         print(f"[{stage}] {line}" if not line.startswith(" ") else line)
     sys.stdout.flush()

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
-from wmdd import data, protocol
+from wmdd import data, engine, protocol
 from wmdd.cli import fail, resolve_device
 
 # Ranks may finish their shares hours apart (recover on ImageNet): the default 10-30 min timeout is too short.
@@ -59,6 +59,7 @@ def stage_main(run, args):
     """A stage's main(): resolve the dataset preset, join torchrun's process group (if any), call
     run(args, info, world, device, t0), and leave the group however run ends."""
     t0 = time.time()
+    engine.tune_cpu_allocator()
     protocol.resolve(args)
     info = data.resolve(args)
     world, device = setup(resolve_device(args.device))
