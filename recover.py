@@ -55,13 +55,6 @@ real images" measures them):
                           most once: an optimal assignment per class (wmdd/coreset.py says why). The loss then
                           refines it; the start depends on features.pt and barycenters.pt, so both are part of
                           every shard's upstream key. (--init real: random real images of the class instead.)
-    --init mosaic         image j of class c starts as a grid of F x F real images, each shrunk F times
-                          (area averaging): the nearest images (as for --init nearest) of atoms
-                          j F^2 .. (j+1) F^2 - 1 of --mosaic-barycenters, a barycenter of the class with
-                          F^2 x IPC atoms (`barycenter.py --ipc F^2*IPC --out DIR --features <out>/features.pt`;
-                          F = --mosaic-factor, default 2). More real images per synthetic image, as RDED's
-                          multi-patch images (arXiv 2312.03526); the loss (atoms of --barycenters, IPC per
-                          class) then refines the mosaic. Both files are part of every shard's key.
     --crop-scale LO HI    the area range of recover's RandomResizedCrop (default: the preset's, 0.08-1 for
                           the paper's datasets, 0.25-1 for digits); part of the recipe.
     --iterations, --lr, --lambda-bn   from a real start fewer, smaller steps keep the image close to the real one.
@@ -139,7 +132,7 @@ SRE2L_LAMBDA_DEFAULT = 0.01
 # The settings that make a synthetic set: two shards (or a resumed run) may be combined only when equal.
 RECIPE_KEYS = ("ipc", "iterations", "lr", "lambda_bn", "r_ce", "first_bn_mult", "feature", "bn", "global_stats",
                "layout", "batch_size", "init", "jitter", "seed", "amp", "sre2l", "pixel_rounding", "image_format",
-               "jpeg_quality", "crop_scale", "mosaic_factor")
+               "jpeg_quality", "crop_scale")
 # How long a rank that is done waits for the others (ranks finish a group or more apart): the process
 # group's default timeout (10-30 min) is too short for that.
 
@@ -154,15 +147,9 @@ def get_args_parser():
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per batch; batches hold batch-size // ipc whole classes (chunks of a class "
                         "when ipc > batch-size)")
-    g.add_argument("--init", default="noise", choices=["noise", "real", "nearest", "mosaic"],
-                   help="start from Gaussian noise (paper), from random real images of the class, from the "
-                        "real image nearest to each barycenter atom (wmdd/coreset.py), or from a mosaic of "
-                        "the nearest images of --mosaic-factor^2 atoms of --mosaic-barycenters")
-    g.add_argument("--mosaic-factor", type=int, default=None,
-                   help="--init mosaic: tiles per side (default 2; recorded as none for other starts)")
-    g.add_argument("--mosaic-barycenters", default=None,
-                   help="--init mosaic: barycenters with mosaic-factor^2 x IPC atoms per class (barycenter.py "
-                        "--ipc F^2*IPC), whose atoms choose the tiles")
+    g.add_argument("--init", default="noise", choices=["noise", "real", "nearest"],
+                   help="start from Gaussian noise (paper), from random real images of the class, or from the "
+                        "real image nearest to each barycenter atom (wmdd/coreset.py)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="RandomResizedCrop area range of recover's augmentation (default: the preset's)")
     g.add_argument("--jitter", type=int, default=None,
@@ -234,17 +221,6 @@ def resolve_args(args, info, device) -> None:
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         cli.fail(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} is not an area range: pass "
                  "LO HI with 0 < LO <= HI <= 1 (e.g. 0.5 1).")
-    if args.init == "mosaic":
-        args.mosaic_factor = 2 if args.mosaic_factor is None else args.mosaic_factor
-        if args.mosaic_factor < 2 or info.image_size % args.mosaic_factor:
-            cli.fail(f"--mosaic-factor {args.mosaic_factor}: a mosaic needs at least 2 tiles per side and a "
-                     f"factor that divides the image size ({info.image_size} px).")
-        if not args.mosaic_barycenters:
-            cli.fail("--init mosaic needs --mosaic-barycenters: barycenters with mosaic-factor^2 x IPC atoms "
-                     f"per class, e.g. barycenter.py --ipc {args.mosaic_factor ** 2 * args.ipc} --out DIR "
-                     "--features <out>/features.pt, then --mosaic-barycenters DIR/barycenters.pt.")
-    elif args.mosaic_factor is not None or args.mosaic_barycenters:
-        cli.fail("--mosaic-factor and --mosaic-barycenters belong to --init mosaic; drop them or add --init mosaic.")
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" else "fp32"
     if args.channels_last == "auto":
@@ -591,19 +567,15 @@ def load_inputs(args, info, device, paths):
 
 class RealImages:
     """--init real: random training images of a class (normalised), drawn per class from the seed.
-    --init nearest: `chosen` [C, IPC] dataset indices, image j of class c = atom j's (wmdd/coreset.py).
-    --init mosaic (factor F): `chosen` [C, F^2 IPC], image j = the mosaic of atoms j F^2 .. (j+1) F^2 - 1."""
+    --init nearest: `chosen` [C, IPC] dataset indices, image j of class c = atom j's (wmdd/coreset.py)."""
 
-    def __init__(self, info, args, chosen: torch.Tensor | None = None, factor: int = 1):
+    def __init__(self, info, args, chosen: torch.Tensor | None = None):
         self.ds = data.build_dataset(info, args, "train", augment=False)
         self.per_class = data.class_indices(self.ds.targets, info.num_classes)
-        self.info, self.seed, self.ipc, self.chosen, self.factor = info, args.seed, args.ipc, chosen, factor
-        atoms = factor * factor * args.ipc
-        if chosen is not None and tuple(chosen.shape) != (info.num_classes, atoms):
-            flag, rerun = ("--init mosaic: --mosaic-barycenters", f"--ipc {atoms} (mosaic-factor^2 x IPC)") \
-                if factor > 1 else ("--init nearest: the barycenters", f"--ipc {args.ipc}")
-            cli.fail(f"{flag} hold {chosen.shape[1]} atoms per class, but this run needs {atoms} (--ipc "
-                     f"{args.ipc}). Rerun barycenter.py with {rerun}.")
+        self.info, self.seed, self.ipc, self.chosen = info, args.seed, args.ipc, chosen
+        if chosen is not None and tuple(chosen.shape) != (info.num_classes, args.ipc):
+            cli.fail(f"--init nearest: the barycenters hold {chosen.shape[1]} atoms per class, but --ipc is "
+                     f"{args.ipc}. Rerun barycenter.py with --ipc {args.ipc}.")
         short = [(info.classes[c], len(ix)) for c, ix in enumerate(self.per_class) if len(ix) < args.ipc]
         if short and chosen is None:  # checked before any work, not when the class's group comes up
             name, n = min(short, key=lambda t: t[1])
@@ -615,11 +587,6 @@ class RealImages:
         """The IPC starting images of class c [IPC, 3, S, S], or only image `index` [3, S, S]."""
         if self.chosen is not None:
             pick = self.chosen[c].tolist()
-            if self.factor > 1:
-                n = self.factor * self.factor
-                mosaics = [coreset.mosaic(torch.stack([self.ds[i][0] for i in pick[j * n:(j + 1) * n]]), self.factor)
-                           for j in (range(self.ipc) if index is None else [index])]
-                return mosaics[0] if index is not None else torch.stack(mosaics)
             return self.ds[pick[index]][0] if index is not None else torch.stack([self.ds[i][0] for i in pick])
         idx = self.per_class[c]
         if len(idx) < self.ipc:
@@ -833,17 +800,14 @@ def run(args, info, world, device, t0):
     paths = artifacts.run_paths(args.out)
     inputs = load_inputs(args, info, device, paths)
     model, upstream = inputs[0], inputs[1]
-    if args.init in ("nearest", "mosaic"):
-        for what, path in (("features", paths.features), ("barycenters", args.barycenters or paths.barycenters),
-                           ("mosaic barycenters", args.mosaic_barycenters)):
-            if path is not None and not os.path.isfile(path):
-                cli.fail(f"--init {args.init} reads the teacher's {what} from {path}, which does not exist. Run "
+    if args.init == "nearest":
+        for what, path in (("features", paths.features), ("barycenters", args.barycenters or paths.barycenters)):
+            if not os.path.isfile(path):
+                cli.fail(f"--init nearest reads the teacher's {what} from {path}, which does not exist. Run "
                          "barycenter.py for this teacher with --out pointing there (features.pt is written beside "
                          "barycenters.pt), or copy/link its features.pt into --out.")
-    if args.init == "nearest":  # the starting images depend on both files: part of every shard's key
+        # the starting images depend on both files: part of every shard's key
         upstream = {**upstream, "features": paths.features, "barycenters": args.barycenters or paths.barycenters}
-    elif args.init == "mosaic":
-        upstream = {**upstream, "features": paths.features, "mosaic_barycenters": args.mosaic_barycenters}
     if args.channels_last == "on":
         model.to(memory_format=torch.channels_last)
     recipe = recipe_of(args)
@@ -862,9 +826,6 @@ def run(args, info, world, device, t0):
     elif args.init == "nearest" and todo:
         real = RealImages(info, args, coreset.load_assignment(info, paths.features, args.barycenters or
                                                               paths.barycenters, args.teacher or paths.teacher))
-    elif args.init == "mosaic" and todo:
-        real = RealImages(info, args, coreset.load_assignment(info, paths.features, args.mosaic_barycenters,
-                                                              args.teacher or paths.teacher), args.mosaic_factor)
     objective = Objective(model, args)
     steps = sum(len(g.batches) for g in mine) * args.iterations
     error = None

@@ -20,9 +20,6 @@ wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a r
     wmdd       recover with the paper's defaults (noise start)
     nearest    recover --init nearest
     best       recover --init nearest --iterations 10 --crop-scale 0.5 1 (the README's best configuration)
-    mosaic     recover --init mosaic --iterations 10 --crop-scale 0.5 1: 2x2 mosaics of the nearest real
-               images of a barycenter with 4 x IPC atoms (barycenter.py run here for it), then recover
-    mosaic0    those mosaics without recover (--iterations 1 --lr 0 leaves the start as it is)
 
 The tables in bench/RESULTS.md add rows NAME=FLAGS for the other iteration counts and crop scales tried
 (near50=--init nearest --iterations 50, near50c=... --crop-scale 0.5 1, near20c, near10c = best).
@@ -52,9 +49,6 @@ ROWS = {  # name -> recover flags (the column's --iterations is added unless the
     "nearest": ["--init", "nearest"],
     # the README's best configuration (bench/RESULTS.md, "Against random real images")
     "best": ["--init", "nearest", "--iterations", "10", "--crop-scale", "0.5", "1"],
-    # 2x2 mosaics of the nearest real images of a 4 x IPC-atom barycenter (RDED's multi-patch images)
-    "mosaic": ["--init", "mosaic", "--iterations", "10", "--crop-scale", "0.5", "1"],
-    "mosaic0": ["--init", "mosaic", "--iterations", "1", "--lr", "0"],  # the mosaics themselves, no recover
 }
 SHARED = ("teacher.pt", "bn_stats.pt", "features.pt", "barycenters.pt")
 
@@ -174,14 +168,6 @@ def main():
         host_baselines = [b for b in a.baselines.split(",") if b in rows]
         for k, name in enumerate(recover_rows):
             flags = rows[name] + ([] if "--iterations" in rows[name] else ["--iterations", a.iterations])
-            if "mosaic" in flags and "--mosaic-barycenters" not in flags:  # its tiles' barycenter: F^2 x IPC atoms
-                factor = int(flags[flags.index("--mosaic-factor") + 1]) if "--mosaic-factor" in flags else 2
-                tiles = os.path.join(col, f"barycenter-x{factor * factor}")
-                if not os.path.isfile(os.path.join(tiles, "barycenters.pt")):
-                    stage("barycenter.py", common + ["--ipc", factor * factor * ipc, "--out", tiles, "--teacher",
-                                                     os.path.join(base, "teacher.pt"), "--features",
-                                                     os.path.join(bary, "features.pt")], log)
-                flags = flags + ["--mosaic-barycenters", os.path.join(tiles, "barycenters.pt")]
             # the directory is named by the recover flags: a changed row never reuses another's synthetic.pt
             out = os.path.join(col, f"{name}-{hashlib.sha256(shlex.join(map(str, flags)).encode()).hexdigest()[:8]}")
             link_shared(bary, out)

@@ -5,6 +5,7 @@ flags recorded in the artifacts and refused where they would mix recipes."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -124,46 +125,9 @@ def test_nearest_refuses_barycenters_of_another_ipc_or_teacher(placed, tmp_path)
                             "--iterations", 1, "--no-png"])
 
 
-def test_init_mosaic_tiles_the_atoms_images_shrunk_by_area_averaging(placed, tmp_path):
-    """--init mosaic --mosaic-factor 2 at IPC 1: class c's image is the 2x2 grid of the images of its 4
-    atoms (placed on known features), each the mean of its 2x2 pixel blocks (a float64 oracle)."""
+def test_nearest_without_features_is_a_clear_error(placed, tmp_path):
     out = copy_run(placed[0], tmp_path / "run")
-    paths = artifacts.run_paths(out)
-    feats = artifacts.load(paths.features, stage="features")
-    per_class = data.class_indices(feats["labels"].tolist(), 10)
-    known = torch.tensor([[per_class[c][i] for i in (7, 2, 11 + c, 4)] for c in range(10)])
-    bary = artifacts.load(paths.barycenters, stage="barycenter")
-    bary["points"] = feats["features"][known].clone()  # 4 atoms per class: the tiles' barycenter
-    tiles_path = str(tmp_path / "tiles.pt")
-    artifacts.save(tiles_path, {k: v for k, v in bary.items() if k != "meta"}, {**bary["meta"], "ipc": 4})
-    one = artifacts.load(paths.barycenters, stage="barycenter")
-    one["points"] = one["points"][:, :1].clone()  # the loss's barycenter: 1 atom per class
-    one["weights"] = torch.ones(10, 1)
-    artifacts.save(paths.barycenters, {k: v for k, v in one.items() if k != "meta"}, {**one["meta"], "ipc": 1})
-    res = run_stage(recover, ["--dataset", "digits", "--ipc", 1, "--out", out, "--iterations", 1, "--lr", 0,
-                              "--init", "mosaic", "--mosaic-barycenters", tiles_path, "--no-png"])
-    syn = artifacts.load(res["synthetic"])
-    info = data.resolve(recover.get_args_parser().parse_args(["--dataset", "digits"]))
-    args = recover.get_args_parser().parse_args(["--dataset", "digits"])
-    ds = data.build_dataset(info, args, "train", augment=False)
-    mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
-    for c in range(10):
-        expected = torch.zeros(3, 16, 16, dtype=torch.float64)
-        for t, i in enumerate(known[c].tolist()):
-            pixels = (ds[i][0] * std + mean).double()  # [3, 16, 16] in [0, 1]
-            r, q = divmod(t, 2)
-            for y in range(8):
-                for x in range(8):
-                    expected[:, 8 * r + y, 8 * q + x] = pixels[:, 2 * y:2 * y + 2, 2 * x:2 * x + 2].mean((1, 2))
-        got = syn["images"][c].double() / 255
-        assert (got - expected).abs().max() <= 1.0 / 255 + 1e-6, c
-    assert syn["recipe"]["init"] == "mosaic" and syn["recipe"]["mosaic_factor"] == 2
-    assert syn["meta"]["upstream"]["mosaic_barycenters"] == artifacts.sha256_file(tiles_path)
-    # the tiles' barycenter must hold factor^2 x IPC atoms, and the mosaic flags need --init mosaic
-    with pytest.raises(cli.UserError, match="needs 16"):
-        run_stage(recover, ["--dataset", "digits", "--ipc", 4, "--out", out, "--feature", "none", "--iterations",
-                            1, "--init", "mosaic", "--mosaic-barycenters", tiles_path, "--no-png"])
-    with pytest.raises(cli.UserError, match="belong to --init mosaic"):
-        run_stage(recover, ["--dataset", "digits", "--ipc", 1, "--out", out, "--mosaic-factor", 2, "--no-png"])
-    with pytest.raises(cli.UserError, match="needs --mosaic-barycenters"):
-        run_stage(recover, ["--dataset", "digits", "--ipc", 1, "--out", out, "--init", "mosaic", "--no-png"])
+    os.remove(artifacts.run_paths(out).features)
+    with pytest.raises(cli.UserError, match="features.pt"):
+        run_stage(recover, ["--dataset", "digits", "--ipc", 2, "--out", out, "--init", "nearest",
+                            "--iterations", 1, "--no-png"])

@@ -2,8 +2,7 @@
 feature is nearest to it, each image used at most once.
 
 Used by recover's `--init nearest` (each synthetic image starts from its atom's image; the recover loss
-then refines it), by `--init mosaic` (each image starts as a grid of factor^2 such images, shrunk, chosen
-for the atoms of a barycenter with factor^2 x IPC atoms: `mosaic`) and by the coreset baseline (those images themselves, no recover: what recover adds to
+then refines it) and by the coreset baseline (those images themselves, no recover: what recover adds to
 the barycenter's choice).
 
 Per class c with atoms B_c [k, d] and the class's features F_c [n, d] (barycenter.py's features.pt, in
@@ -43,20 +42,6 @@ def assign_nearest(features: torch.Tensor, labels: torch.Tensor, points: torch.T
         rows, cols = linear_sum_assignment(cost)
         chosen[c, torch.as_tensor(rows)] = idx[torch.as_tensor(np.asarray(cols))]
     return chosen
-
-
-def mosaic(tiles: torch.Tensor, factor: int) -> torch.Tensor:
-    """One image [3, S, S] from factor^2 images [factor^2, 3, S, S] (recover's --init mosaic): tile t shrunk
-    by averaging its factor x factor pixel blocks (area resampling: the mean of the pixels each output
-    pixel covers) and placed at row t // factor, column t % factor. RDED's multi-patch image (Sun et al.,
-    arXiv 2312.03526), here with the patches chosen by the barycenter instead of by the teacher's loss."""
-    n, ch, size, _ = tiles.shape
-    if n != factor * factor or size % factor:
-        fail(f"a {factor}x{factor} mosaic needs {factor * factor} tiles whose size divides by {factor}; got {n} "
-             f"tiles of {size} px. Use a --mosaic-factor that divides the image size.")
-    small = torch.nn.functional.avg_pool2d(tiles, factor)  # [F^2, 3, S/F, S/F]
-    cell = size // factor
-    return small.view(factor, factor, ch, cell, cell).permute(2, 0, 3, 1, 4).reshape(ch, size, size)
 
 
 def load_assignment(info, features_path, barycenters_path, teacher_path=None) -> torch.Tensor:
