@@ -44,7 +44,7 @@ test-all: install
 # IPC 10 (WMDD beside a random real subset, soft and hard labels), Fig. 4 and Fig. 6 (WMDD beside SRe2L),
 # ending in runs/demo/PAPER.md. The same code path as `python -m wmdd.paper` for the paper's datasets;
 # --in-process runs each stage's main() on the printed flags in one interpreter (the same numbers as the
-# subprocesses, without ~4 s of start-up per stage: 1m35s instead of 2m05s on an idle 2-core AVX-512 machine;
+# subprocesses, without ~4 s of start-up per stage; 1m41s-1m45s on an idle 2-core AVX-512 machine;
 # README, "Measured").
 DEMO     ?= runs/demo
 DEMO_IPC ?= 10
