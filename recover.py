@@ -800,13 +800,7 @@ def run(args, info, world, device, t0):
     paths = artifacts.run_paths(args.out)
     inputs = load_inputs(args, info, device, paths)
     model, upstream = inputs[0], inputs[1]
-    if args.init == "nearest":
-        for what, path in (("features", paths.features), ("barycenters", args.barycenters or paths.barycenters)):
-            if not os.path.isfile(path):
-                cli.fail(f"--init nearest reads the teacher's {what} from {path}, which does not exist. Run "
-                         "barycenter.py for this teacher with --out pointing there (features.pt is written beside "
-                         "barycenters.pt), or copy/link its features.pt into --out.")
-        # the starting images depend on both files: part of every shard's key
+    if args.init == "nearest":  # the starting images depend on both files: part of every shard's key
         upstream = {**upstream, "features": paths.features, "barycenters": args.barycenters or paths.barycenters}
     if args.channels_last == "on":
         model.to(memory_format=torch.channels_last)

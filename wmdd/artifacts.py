@@ -95,8 +95,16 @@ def run_paths(out: str) -> RunPaths:
 _sha_cache: dict = {}
 
 
+def _require_file(path) -> None:
+    """A missing artifact is a UserError naming the stage that writes it."""
+    if not os.path.isfile(path):
+        producer = _PRODUCER.get(os.path.basename(str(path)), "the stage that writes it")
+        fail(f"{path} does not exist. Run {producer} with the same --out first (or point the flag at the file).")
+
+
 def sha256_file(path) -> str:
     """sha256 of a file's bytes (cached per path, size and mtime within the process)."""
+    _require_file(path)
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _sha_cache:
@@ -177,10 +185,7 @@ def save(path, payload: dict, meta: dict) -> str:
 def load(path, stage: str | None = None, allow_plain: bool = False) -> dict:
     """Load an artifact safely (weights_only=True). A missing, truncated, corrupt or unsafe file, or one
     from another stage, is a UserError naming the file and the fix."""
-    name = os.path.basename(str(path))
-    producer = _PRODUCER.get(name, "the stage that writes it")
-    if not os.path.isfile(path):
-        fail(f"{path} does not exist. Run {producer} with the same --out first (or point the flag at the file).")
+    _require_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

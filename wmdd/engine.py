@@ -47,7 +47,8 @@ def in_memory(dataset, max_bytes: int = 1 << 29):
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-ALLOCATOR_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "top_pad": 256 << 20}
+ALLOCATOR_SETTINGS = ((_M_MMAP_THRESHOLD, "mmap threshold", 32 << 20), (_M_TRIM_THRESHOLD, "trim threshold", 1 << 30),
+                      (_M_TOP_PAD, "top pad", 256 << 20))
 _allocator_note = None
 
 
@@ -79,12 +80,11 @@ def tune_cpu_allocator() -> str:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # glibc only: musl and macOS have no mallopt with these meanings
-        ok = all(libc.mallopt(code, value) == 1 for code, value in
-                 ((_M_MMAP_THRESHOLD, ALLOCATOR_SETTINGS["mmap_threshold"]),
-                  (_M_TRIM_THRESHOLD, ALLOCATOR_SETTINGS["trim_threshold"]),
-                  (_M_TOP_PAD, ALLOCATOR_SETTINGS["top_pad"])))
+        ok = all(libc.mallopt(code, value) == 1 for code, _, value in ALLOCATOR_SETTINGS)
     except (OSError, AttributeError):
         ok = False
-    _allocator_note = ("glibc malloc: mmap threshold 32 MiB, trim threshold 1 GiB, top pad 256 MiB "
-                       "(WMDD_MALLOC=default leaves glibc's own)" if ok else "the platform's default")
+    sizes = ", ".join(f"{name} {value >> 30} GiB" if value >= 1 << 30 else f"{name} {value >> 20} MiB"
+                      for _, name, value in ALLOCATOR_SETTINGS)
+    _allocator_note = (f"glibc malloc: {sizes} (WMDD_MALLOC=default leaves glibc's own)" if ok
+                       else "the platform's default")
     return _allocator_note
