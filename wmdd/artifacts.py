@@ -95,10 +95,14 @@ def run_paths(out: str) -> RunPaths:
 _sha_cache: dict = {}
 
 
+def _producer(path) -> str:
+    return _PRODUCER.get(os.path.basename(str(path)), "the stage that writes it")
+
+
 def _require_file(path) -> None:
     """A missing artifact is a UserError naming the stage that writes it."""
     if not os.path.isfile(path):
-        producer = _PRODUCER.get(os.path.basename(str(path)), "the stage that writes it")
+        producer = _producer(path)
         fail(f"{path} does not exist. Run {producer} with the same --out first (or point the flag at the file).")
 
 
@@ -185,6 +189,7 @@ def save(path, payload: dict, meta: dict) -> str:
 def load(path, stage: str | None = None, allow_plain: bool = False) -> dict:
     """Load an artifact safely (weights_only=True). A missing, truncated, corrupt or unsafe file, or one
     from another stage, is a UserError naming the file and the fix."""
+    producer = _producer(path)
     _require_file(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
