@@ -12,7 +12,7 @@ import barycenter
 import recover
 import squeeze
 from conftest import copy_run, make_tiny_tree, run_stage
-from wmdd import artifacts, bnstats, cli, data, models
+from wmdd import artifacts, bnstats, cli, data, models, shards
 
 
 def make_barycenters(out, ipc: int, dataset: str = "digits", data_dir=None, resolution=None) -> str:
@@ -191,7 +191,7 @@ def test_ipc_above_batch_size_accumulates_exact_class_gradients(run2, tmp_path):
     images, curves = [], []
     for bs in (5, 2):  # whole class in one batch; chunks of 2 + 2 + 1 images
         args, info, inputs, objective = setup(out, "--batch-size", bs, "--r-ce", "0.3", "--iterations", "3", ipc=5)
-        group = recover.plan_groups(1, 2, 10, 5, bs, "class-major")[0]
+        group = shards.plan_groups(1, 2, 10, 5, bs, "class-major")[0]
         shard = recover.recover_group(group, objective, inputs, args, info, torch.device("cpu"), None, None)
         images.append(shard["images"].int())
         curves.append(shard["loss_curve"]["total"])

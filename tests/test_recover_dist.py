@@ -22,7 +22,7 @@ import barycenter
 import recover
 import squeeze
 from conftest import copy_run, run_stage
-from wmdd import artifacts, cli, data, models
+from wmdd import artifacts, cli, data, models, shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,8 +172,8 @@ def test_sigkill_mid_run_then_rerun_resumes_and_equals_the_uninterrupted_run(bas
     assert 1 <= len(done) < GROUPS and not os.path.exists(paths.synthetic), "killed too late to test resuming"
     mtimes = {p: os.stat(p).st_mtime_ns for p in done}
     # what a torn write would leave: a temp file, and a damaged shard of a group that is not done
-    todo = [c for c in range(GROUPS) if not os.path.exists(recover.shard_path(paths, recover.Group(c, c + 1)))]
-    torn = recover.shard_path(paths, recover.Group(todo[-1], todo[-1] + 1))
+    todo = [c for c in range(GROUPS) if not os.path.exists(shards.shard_path(paths, shards.Group(c, c + 1)))]
+    torn = shards.shard_path(paths, shards.Group(todo[-1], todo[-1] + 1))
     with open(torn + ".tmp-99999", "wb") as fh:
         fh.write(b"PK\x03\x04 half")
     with open(torn, "wb") as fh:

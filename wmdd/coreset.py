@@ -23,6 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from wmdd import artifacts, data, subsets
+from wmdd.shards import batch_generator
 from wmdd.cli import fail
 
 
@@ -92,3 +93,38 @@ def baseline_subset(info, args, ipc: int) -> subsets.ImageSet:
         fail(f"--baseline coreset: {paths.barycenters} holds {chosen.shape[1]} atoms per class, but --ipc is {ipc}. "
              f"Rerun barycenter.py with --ipc {ipc}.")
     return coreset_subset(info, args, chosen, "nearest-real coreset (barycenter atoms' images, no recover)")
+
+
+class RealImages:
+    """--init real: random training images of a class (normalised), drawn per class from the seed.
+    --init nearest: `chosen` [C, IPC] dataset indices, image j of class c = atom j's (assign_nearest)."""
+
+    def __init__(self, info, args, chosen: torch.Tensor | None = None):
+        self.ds = data.build_dataset(info, args, "train", augment=False)
+        self.per_class = data.class_indices(self.ds.targets, info.num_classes)
+        self.info, self.seed, self.ipc, self.chosen = info, args.seed, args.ipc, chosen
+        if chosen is not None and tuple(chosen.shape) != (info.num_classes, args.ipc):
+            fail(f"--init nearest: the barycenters hold {chosen.shape[1]} atoms per class, but --ipc is "
+                     f"{args.ipc}. Rerun barycenter.py with --ipc {args.ipc}.")
+        short = [(info.classes[c], len(ix)) for c, ix in enumerate(self.per_class) if len(ix) < args.ipc]
+        if short and chosen is None:  # checked before any work, not when the class's group comes up
+            name, n = min(short, key=lambda t: t[1])
+            fail(f"--init real needs --ipc {args.ipc} different training images per class, but class {name!r} "
+                     f"of {info.data_dir or info.name} has {n} ({len(short)} class(es) in all have fewer). Use "
+                     f"--init noise, or --ipc {n} or less.")
+
+    def of_class(self, c: int, index=None) -> torch.Tensor:
+        """The IPC starting images of class c [IPC, 3, S, S], or only image `index` [3, S, S]."""
+        if self.chosen is not None:
+            pick = self.chosen[c].tolist()
+            return self.ds[pick[index]][0] if index is not None else torch.stack([self.ds[i][0] for i in pick])
+        idx = self.per_class[c]
+        if len(idx) < self.ipc:
+            fail(f"class {self.info.classes[c]} has {len(idx)} training images, fewer than --ipc {self.ipc}, "
+                     "so --init real cannot start every image from a different real one. Use --init noise "
+                     "or a smaller --ipc.")
+        g = batch_generator(self.seed, c, None, purpose=1)
+        pick = torch.randperm(len(idx), generator=g)[:self.ipc].tolist()
+        if index is not None:
+            return self.ds[idx[pick[index]]][0]
+        return torch.stack([self.ds[idx[i]][0] for i in pick])
