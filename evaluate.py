@@ -76,7 +76,6 @@ trains as in one process). Validation is split across ranks and the counts summe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -91,6 +90,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from wmdd import artifacts, augment, baselines, cli, data, dist, engine, metrics, models, protocol, softlabels, subsets
+from wmdd.students import finished_student, is_full_data, student_fingerprint, student_path
 
 
 def get_args_parser():
@@ -329,52 +329,7 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
 
 
 # ---------------------------------------------------------------------------------------------
-# finished students (resume)
-
-
-# the settings a full-data student depends on: the recipe and the dataset, not the synthetic set, the
-# teacher, the labels or the IPC, so one is trained per dataset, student architecture and recipe
-def is_full_data(key: str) -> bool:
-    """The full-data student's job key ('full/hard'): its own batch, recipe subset and file location."""
-    return key.startswith("full/")
-
-
-FULL_DATA_RECIPE = ("dataset", "resolution", "student", "epochs", "full_batch_size", "lr", "weight_decay", "eval_every",
-                    "protocol")
-
-
-def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
-    """sha256 of everything one student's result depends on: a rerun keeps a student file only if equal."""
-    config = {k: v for k, v in cli.args_dict(args).items()
-              if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
-                           "val_batch_size", "teacher", "synthetic", "full_data_acc", "hlr_reference", "ars",
-                           "labels_dir", "full_data_dir")}
-    if is_full_data(key):
-        config = {k: v for k, v in config.items() if k in FULL_DATA_RECIPE}
-    else:  # the IPC's batch is the others' own
-        config.pop("full_batch_size", None)
-    blob = json.dumps({"config": config, "key": key, "seed": seed, "upstream": upstream}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def student_path(paths, key: str, seed: int, arch: str, full_data_dir: str | None = None) -> str:
-    if is_full_data(key):  # the full-data student: one per architecture, in --full-data-dir if given
-        return os.path.join(full_data_dir or paths.students, f"{key.replace('/', '-')}-{arch}-seed{seed}.json")
-    return os.path.join(paths.students, f"{key.replace('/', '-')}-seed{seed}.json")
-
-
-def finished_student(path: str, fingerprint: str):
-    """The stored record if `path` holds a finished student with this fingerprint, else None
-    (a missing, torn or stale file is trained again)."""
-    try:
-        with open(path) as fh:
-            obj = json.load(fh)
-        return obj["record"] if obj.get("fingerprint") == fingerprint else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
+# labels
 
 
 def resolve_label_settings(args, info, syn, labels_dir, teacher_path, synthetic_path):
