@@ -19,11 +19,12 @@ wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a r
     sre2l      recover --sre2l (SRe2L's recover), noise start
     wmdd       recover with the paper's defaults (noise start)
     nearest    recover --init nearest
-    best       recover --init nearest --iterations 10 --crop-scale 0.5 1 (the README's best configuration with
-               recover; the README's best overall is the coreset itself: --init nearest --iterations 1 --lr 0)
+    best       recover --init nearest --iterations 20 --lr 0.02 --crop-scale 0.5 1 (the README's best
+               configuration: a few small steps from the nearest real images)
 
 The tables in bench/RESULTS.md add rows NAME=FLAGS for the other iteration counts and crop scales tried
-(near50=--init nearest --iterations 50, near50c=... --crop-scale 0.5 1, near20c, near10c = best).
+(near50=--init nearest --iterations 50, near50c=... --crop-scale 0.5 1, near20c, near10c; l005, l01, l02 = best,
+l01x50: 20 or 50 iterations at --lr 0.005-0.02).
 
 Writes --report (markdown: top-1 mean +- std over seeds, IOR = acc(row) - acc(random) paired by seed,
 soft and hard labels, per IPC) and, beside it, the same numbers as .json. A rerun with the same --work
@@ -48,8 +49,8 @@ ROWS = {  # name -> recover flags (the column's --iterations is added unless the
     "sre2l": ["--sre2l"],
     "wmdd": [],
     "nearest": ["--init", "nearest"],
-    # the README's best configuration with recover (bench/RESULTS.md, "Against random real images")
-    "best": ["--init", "nearest", "--iterations", "10", "--crop-scale", "0.5", "1"],
+    # the README's best configuration (bench/RESULTS.md, "Against random real images")
+    "best": ["--init", "nearest", "--iterations", "20", "--lr", "0.02", "--crop-scale", "0.5", "1"],
 }
 SHARED = ("teacher.pt", "bn_stats.pt", "features.pt", "barycenters.pt")
 
