@@ -61,6 +61,9 @@ real images" measures them):
                           Adam moves a pixel by up to about --lr per step whatever the gradient's size, so
                           the preset's lr (0.1-0.25) leaves a real image within a few steps. The README's
                           best configuration: --init nearest --iterations 20 --lr 0.02 --crop-scale 0.5 1.
+                          --lambda-bn trades the label regimes from such a start: the BN term pulls it toward
+                          its class's statistics, which costs hard-label accuracy (digits) and gives the
+                          soft-label gain (photos); 1 instead of the presets' 10 favours hard labels.
 
 evaluate's `--baseline coreset` trains on those nearest real images themselves (no recover).
 

@@ -24,7 +24,8 @@ wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a r
 
 The tables in bench/RESULTS.md add rows NAME=FLAGS for the other iteration counts and crop scales tried
 (near50=--init nearest --iterations 50, near50c=... --crop-scale 0.5 1, near20c, near10c; l005, l01, l02 = best,
-l01x50: 20 or 50 iterations at --lr 0.005-0.02).
+l01x50: 20 or 50 iterations at --lr 0.005-0.02; lbn01, lbn1, lbn100, bnnone, ce: best with --lambda-bn 0.1,
+1 or 100, --bn none, --r-ce 1; lbn1l04, lbn1i50: lbn1 at --lr 0.04 or 50 iterations).
 
 Writes --report (markdown: top-1 mean +- std over seeds, IOR = acc(row) - acc(random) paired by seed,
 soft and hard labels, per IPC) and, beside it, the same numbers as .json. A rerun with the same --work
