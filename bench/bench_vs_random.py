@@ -27,6 +27,14 @@ The tables in bench/RESULTS.md add rows NAME=FLAGS for the other iteration count
 l01x50: 20 or 50 iterations at --lr 0.005-0.02; lbn01, lbn1, lbn100, bnnone, ce: best with --lambda-bn 0.1,
 1 or 100, --bn none, --r-ce 1; lbn1l04, lbn1i50: lbn1 at --lr 0.04 or 50 iterations).
 
+--redistill: every seed s makes its own distilled set (barycenter.py and recover.py with --seed s, under
+<work>/ipc<k>/seed<s>/) and trains the student of seed s on it, so a distilled row's spread over seeds
+holds the randomness of making the set (the k-means++ start of the barycenter, recover's crops), as the
+random row's holds the draw of the subset. Without it (the default) a row is one set from --seed and only
+the students vary. The random row draws the same subset for seed s either way and its hard-label students
+are the same; its soft-label students differ, since evaluate's crop replay plan follows --seed (one plan
+for all students of a run, like relabel's stored labels). The teacher is one for all seeds. A second seed set: --seed 100 (not --eval-args "--seed 100", which leaves the sets).
+
 Writes --report (markdown: top-1 mean +- std over seeds, IOR = acc(row) - acc(random) paired by seed,
 soft and hard labels, per IPC) and, beside it, the same numbers as .json. A rerun with the same --work
 reuses every finished stage output (each stage's own resume) and every finished student.
@@ -136,9 +144,14 @@ def main():
     p.add_argument("--baselines", default="random,coreset",
                    help="evaluate --baseline list run beside the first recover row (rows named like them)")
     p.add_argument("--squeeze-args", default="", help="extra squeeze.py flags (the teacher recipe)")
+    p.add_argument("--barycenter-args", default="", help="extra barycenter.py flags (every column's barycenters, "
+                   "so the coreset and every --init nearest row follow them)")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags for every row")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate --eval-every (default: --epochs, "
                    "one validation at the end)")
+    p.add_argument("--redistill", action="store_true",
+                   help="a new distilled set per seed: barycenter.py and recover.py run with --seed s and the "
+                        "student of seed s trains on that set (default: one set per row, --seeds students on it)")
     p.add_argument("--work", required=True, help="run directory root (stage outputs, logs)")
     p.add_argument("--report", default=None, help="markdown table (default <work>/vs_random.md)")
     a = p.parse_args()
@@ -158,34 +171,65 @@ def main():
     with open(os.path.join(base, "teacher.pt"), "rb"):
         pass
     results, walls = {}, {}
+    host_baselines = [b for b in a.baselines.split(",") if b in rows]
     for ipc in [int(x) for x in a.ipc.split(",")]:
-        col = os.path.join(a.work, f"ipc{ipc}")
-        bary = os.path.join(col, "barycenter")
-        link_shared(base, bary)
-        if not os.path.isfile(os.path.join(bary, "barycenters.pt")):
-            stage("barycenter.py", common + ["--ipc", ipc, "--out", bary], log)
-        evaluate = common + ["--ipc", ipc, "--labels", "online", "--seeds", a.seeds, "--epochs", a.epochs,
+        # a column is named by the barycenter flags too: other barycenters never reuse another's recover rows
+        col = os.path.join(a.work, f"ipc{ipc}" + (f"-b{digest(a.barycenter_args)}" if a.barycenter_args else ""))
+        evaluate = common + ["--ipc", ipc, "--labels", "online", "--epochs", a.epochs,
                              "--eval-every", a.eval_every or a.epochs]
         evaluate += ["--student", a.student] if a.student else []
         evaluate += shlex.split(a.eval_args)
-        host_baselines = [b for b in a.baselines.split(",") if b in rows]
-        for k, name in enumerate(recover_rows):
-            flags = rows[name] + ([] if "--iterations" in rows[name] else ["--iterations", a.iterations])
-            # the directory is named by the recover flags: a changed row never reuses another's synthetic.pt
-            out = os.path.join(col, f"{name}-{hashlib.sha256(shlex.join(map(str, flags)).encode()).hexdigest()[:8]}")
-            link_shared(bary, out)
-            t0 = time.time()
-            if not os.path.isfile(os.path.join(out, "synthetic.pt")):
-                stage("recover.py", common + ["--ipc", ipc, "--out", out, "--no-png"] + flags, log)
-            baseline = ",".join(host_baselines) if k == 0 and host_baselines else "none"
-            stage("evaluate.py", evaluate + ["--out", out, "--baseline", baseline], log)
-            walls[(ipc, name)] = time.time() - t0
-            got = per_seed(os.path.join(out, "results.json"))
-            results[(ipc, name)] = {"soft": got.get("distilled/soft"), "hard": got.get("distilled/hard")}
-            if k == 0:
-                for b in host_baselines:
-                    results[(ipc, b)] = {"soft": got.get(f"{b}/soft"), "hard": got.get(f"{b}/hard")}
+        if not a.redistill:  # one distilled set per row, a.seeds students on it
+            distill_column(a, rows, recover_rows, host_baselines, ipc, col, common,
+                           evaluate + ["--seeds", a.seeds], log, results, walls)
+            continue
+        for s in range(a.seed, a.seed + a.seeds):  # a new distilled set per seed, one student on it
+            got, took = {}, {}
+            distill_column(a, rows, recover_rows, host_baselines, ipc, os.path.join(col, f"seed{s}"),
+                           with_seed(common, s), with_seed(evaluate, s) + ["--seeds", 1], log, got, took)
+            for key, r in got.items():
+                acc = results.setdefault(key, {"soft": [], "hard": []})
+                for regime in acc:
+                    acc[regime] = (acc[regime] or []) + (r[regime] or [])
+            for key, t in took.items():
+                walls[key] = walls.get(key, 0.0) + t
     write_report(a, rows, results, walls, time.time() - t_start)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def with_seed(argv: list, seed: int) -> list:
+    """argv with its (first) --seed value replaced."""
+    i = argv.index("--seed")
+    return [*argv[:i + 1], seed, *argv[i + 2:]]
+
+
+def distill_column(a, rows, recover_rows, host_baselines, ipc, col, common, evaluate, log, results, walls):
+    """One IPC column under `col`: barycenter.py, then recover.py + evaluate.py for every recover row (the
+    baselines evaluated beside the first one); per-seed top-1 lists into results[(ipc, name)]."""
+    base = os.path.join(a.work, "teacher")
+    bary = os.path.join(col, "barycenter")
+    link_shared(base, bary)
+    if not os.path.isfile(os.path.join(bary, "barycenters.pt")):
+        stage("barycenter.py", common + ["--ipc", ipc, "--out", bary] + shlex.split(a.barycenter_args), log)
+    for k, name in enumerate(recover_rows):
+        flags = rows[name] + ([] if "--iterations" in rows[name] else ["--iterations", a.iterations])
+        # the directory is named by the recover flags: a changed row never reuses another's synthetic.pt
+        out = os.path.join(col, f"{name}-{digest(shlex.join(map(str, flags)))}")
+        link_shared(bary, out)
+        t0 = time.time()
+        if not os.path.isfile(os.path.join(out, "synthetic.pt")):
+            stage("recover.py", common + ["--ipc", ipc, "--out", out, "--no-png"] + flags, log)
+        baseline = ",".join(host_baselines) if k == 0 and host_baselines else "none"
+        stage("evaluate.py", evaluate + ["--out", out, "--baseline", baseline], log)
+        walls[(ipc, name)] = time.time() - t0
+        got = per_seed(os.path.join(out, "results.json"))
+        results[(ipc, name)] = {"soft": got.get("distilled/soft"), "hard": got.get("distilled/hard")}
+        if k == 0:
+            for b in host_baselines:
+                results[(ipc, b)] = {"soft": got.get(f"{b}/soft"), "hard": got.get(f"{b}/hard")}
 
 
 def write_report(a, rows, results, walls, total_s: float) -> None:
@@ -193,7 +237,8 @@ def write_report(a, rows, results, walls, total_s: float) -> None:
     ipcs = sorted({ipc for ipc, _ in results})
     lines = [f"{a.dataset}{' ' + a.data_dir if a.data_dir else ''} (resolution {a.resolution or 'preset'}), "
              f"{a.seeds} seeds, recover {a.iterations} iterations, student {a.student or 'preset'} "
-             f"{a.epochs} epochs, labels: soft = teacher online (KL), hard = class labels; "
+             f"{a.epochs} epochs, labels: soft = teacher online (KL), hard = class labels; distilled sets: "
+             f"{'a new one per seed (--redistill)' if a.redistill else f'one per row (seed {a.seed})'}; "
              f"{platform.node()}, {time.strftime('%Y-%m-%d')}, {total_s / 60:.0f} min in all", ""]
     for ipc in ipcs:
         rnd = results.get((ipc, "random"), {})

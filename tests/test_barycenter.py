@@ -136,6 +136,41 @@ def test_tiny_raw_tree_ipc50(tmp_path):
     assert torch.isfinite(bc["points"]).all() and torch.all(bc["w2"] >= 0)
 
 
+def test_restarts_keep_each_class_lowest_w2_start(digits_teacher, capsys):
+    """--restarts R: per class, the lowest-W2^2 of R independent single-start solves (restart 0 = the plain
+    run's start), recorded in meta, never mixed with a file of another R, the same under sharding."""
+    out = digits_teacher
+    paths = artifacts.run_paths(str(out))
+    common = ["--dataset", "digits", "--ipc", 5, "--out", out]
+    run(common)
+    plain = artifacts.load(paths.barycenters)
+    run(common + ["--restarts", 1])
+    assert "reusing 10 classes" in capsys.readouterr().out  # 1 is the plain run (files without the key too)
+    run(common + ["--restarts", 4])
+    assert "reusing 10 classes" not in capsys.readouterr().out  # another R: not the plain file
+    best = artifacts.load(paths.barycenters)
+    assert best["meta"]["args"]["restarts"] == 4
+    feats = artifacts.load(paths.features)
+    for c in range(10):
+        cls = feats["features"][feats["labels"] == c]
+        starts = [wot.free_support_barycenter(cls, 5, seed=0, class_index=c)]  # restart 0: the plain run's seed
+        starts += [wot.free_support_barycenter_batched([cls], 5, seeds=[barycenter.restart_seed(0, c, r)])
+                   for r in (1, 2, 3)]
+        w2 = [float(b.w2 if b.w2.ndim == 0 else b.w2[0]) for b in starts]
+        assert w2[0] == pytest.approx(float(plain["w2"][c]), rel=1e-6)
+        assert float(best["w2"][c]) == pytest.approx(min(w2), rel=1e-6)
+        # the stored objective is that of the stored points, recomputed from the class's features
+        assert float(best["w2"][c]) == pytest.approx(wot.w2_squared(best["points"][c], best["weights"][c], cls),
+                                                      rel=1e-4)
+    assert len({barycenter.restart_seed(0, c, r) for c in range(10) for r in range(4)}) == 40
+    assert torch.all(best["w2"] <= plain["w2"]) and torch.any(best["w2"] < plain["w2"])
+    # a shard of the classes reproduces the unsplit result
+    shard = run(common + ["--restarts", 4, "--classes", "3:6"])["barycenters"]
+    assert torch.equal(artifacts.load(shard)["points"], best["points"][3:6])
+    with pytest.raises(cli.UserError, match="--restarts 0"):
+        run(common + ["--restarts", 0])
+
+
 def test_ipc_errors_name_the_class_and_its_count(digits_teacher):
     with pytest.raises(cli.UserError, match=r"--ipc 500 is larger than class '\d' which has \d+|larger than class"):
         run(["--dataset", "digits", "--ipc", 500, "--out", digits_teacher])
