@@ -19,8 +19,8 @@ wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a r
     sre2l      recover --sre2l (SRe2L's recover), noise start
     wmdd       recover with the paper's defaults (noise start)
     nearest    recover --init nearest
-    best       recover --init nearest --iterations 20 --lr 0.02 --crop-scale 0.5 1 (the README's best
-               configuration: a few small steps from the nearest real images)
+    best       recover --init nearest --iterations 20 --lr 0.02 --crop-scale 0.5 1 (a few small steps from
+               the nearest real images; with --barycenter-args "--restarts 8" the README's best configuration)
 
 The tables in bench/RESULTS.md add rows NAME=FLAGS for the other iteration counts and crop scales tried
 (near50=--init nearest --iterations 50, near50c=... --crop-scale 0.5 1, near20c, near10c; l005, l01, l02 = best,
