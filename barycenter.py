@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import math
 import os
 import time
@@ -265,15 +264,6 @@ def check_ipc(ipc: int, counts: list, classes) -> None:
                  f"A class's barycenter has at most as many atoms as it has images: use --ipc {n} or less.")
 
 
-def restart_seed(seed: int, class_index: int, restart: int) -> int:
-    """Seed of one start of one class: restart 0 is the class's own seed (--restarts 1 is the plain run),
-    restart r > 0 a seed derived from it; independent of batching and sharding."""
-    if restart == 0:
-        return wot.class_seed(seed, class_index)
-    digest = hashlib.sha256(f"barycenter restart {seed}/{class_index}/{restart}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
-
-
 def solve(args, class_features: list, first_class: int, bar=None) -> wot.Barycenter:
     """Barycenters of consecutive classes first_class, first_class + 1, ... (batched for sinkhorn); with
     --restarts R every class is solved from R starts and keeps the one of lowest W2^2 (the first on ties)."""
@@ -286,11 +276,11 @@ def solve(args, class_features: list, first_class: int, bar=None) -> wot.Barycen
         chunk = class_features[s:s + step]
         best = None
         for r in range(args.restarts):
-            seeds = [restart_seed(args.seed, first_class + s + i, r) for i in range(len(chunk))]
+            seeds = [wot.restart_seed(args.seed, first_class + s + i, r) for i in range(len(chunk))]
             init = [wot.randn_init(args.ipc, f.shape[1], sd) for f, sd in zip(chunk, seeds)] \
                 if args.barycenter_init == "randn" else None
             got = wot.free_support_barycenter_batched(chunk, args.ipc, seeds=seeds, init=init, **common)
-            best = got if best is None else keep_lower(best, got)
+            best = got if best is None else wot.lower_w2(best, got)
         parts.append(best)
         if bar is not None:
             bar.update(len(chunk))
@@ -299,14 +289,6 @@ def solve(args, class_features: list, first_class: int, bar=None) -> wot.Barycen
                           weights=torch.cat([p.weights for p in parts]),
                           w2=torch.cat([p.w2 for p in parts]), iters=torch.cat([p.iters for p in parts]),
                           info=parts[0].info)
-
-
-def keep_lower(a: wot.Barycenter, b: wot.Barycenter) -> wot.Barycenter:
-    """Per class, the result of lower W2^2 (a on ties)."""
-    take = b.w2 < a.w2
-    pick = lambda x, y: torch.where(take.view(-1, *([1] * (x.ndim - 1))), y, x)  # noqa: E731
-    return wot.Barycenter(points=pick(a.points, b.points), weights=pick(a.weights, b.weights),
-                          w2=pick(a.w2, b.w2), iters=pick(a.iters, b.iters), info=a.info)
 
 
 def plan_blocks(todo: list, class_batch: int) -> list:

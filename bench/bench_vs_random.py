@@ -33,7 +33,8 @@ holds the randomness of making the set (the k-means++ start of the barycenter, r
 random row's holds the draw of the subset. Without it (the default) a row is one set from --seed and only
 the students vary. The random row draws the same subset for seed s either way and its hard-label students
 are the same; its soft-label students differ, since evaluate's crop replay plan follows --seed (one plan
-for all students of a run, like relabel's stored labels). The teacher is one for all seeds. A second seed set: --seed 100 (not --eval-args "--seed 100", which leaves the sets).
+for all students of a run, like relabel's stored labels). The teacher is one for all seeds. A second seed
+set: --seed 100 (not --eval-args "--seed 100", which leaves the sets as they are).
 
 Writes --report (markdown: top-1 mean +- std over seeds, IOR = acc(row) - acc(random) paired by seed,
 soft and hard labels, per IPC) and, beside it, the same numbers as .json. A rerun with the same --work
@@ -190,7 +191,7 @@ def main():
             for key, r in got.items():
                 acc = results.setdefault(key, {"soft": [], "hard": []})
                 for regime in acc:
-                    acc[regime] = (acc[regime] or []) + (r[regime] or [])
+                    acc[regime] += r[regime] or []
             for key, t in took.items():
                 walls[key] = walls.get(key, 0.0) + t
     write_report(a, rows, results, walls, time.time() - t_start)

@@ -154,7 +154,7 @@ def test_restarts_keep_each_class_lowest_w2_start(digits_teacher, capsys):
     for c in range(10):
         cls = feats["features"][feats["labels"] == c]
         starts = [wot.free_support_barycenter(cls, 5, seed=0, class_index=c)]  # restart 0: the plain run's seed
-        starts += [wot.free_support_barycenter_batched([cls], 5, seeds=[barycenter.restart_seed(0, c, r)])
+        starts += [wot.free_support_barycenter_batched([cls], 5, seeds=[wot.restart_seed(0, c, r)])
                    for r in (1, 2, 3)]
         w2 = [float(b.w2 if b.w2.ndim == 0 else b.w2[0]) for b in starts]
         assert w2[0] == pytest.approx(float(plain["w2"][c]), rel=1e-6)
@@ -162,7 +162,7 @@ def test_restarts_keep_each_class_lowest_w2_start(digits_teacher, capsys):
         # the stored objective is that of the stored points, recomputed from the class's features
         assert float(best["w2"][c]) == pytest.approx(wot.w2_squared(best["points"][c], best["weights"][c], cls),
                                                       rel=1e-4)
-    assert len({barycenter.restart_seed(0, c, r) for c in range(10) for r in range(4)}) == 40
+    assert len({wot.restart_seed(0, c, r) for c in range(10) for r in range(4)}) == 40
     assert torch.all(best["w2"] <= plain["w2"]) and torch.any(best["w2"] < plain["w2"])
     # a shard of the classes reproduces the unsplit result
     shard = run(common + ["--restarts", 4, "--classes", "3:6"])["barycenters"]

@@ -75,6 +75,7 @@ All heavy tensors are [C, ...] with ragged classes padded to N = max n_c (padded
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -123,6 +124,26 @@ class Barycenter:
 def class_seed(seed: int, class_index: int) -> int:
     """Seed of one class's random choices: independent of batching and sharding."""
     return (int(seed) * 1_000_003 + int(class_index)) % (2**63 - 1)
+
+
+def restart_seed(seed: int, class_index: int, restart: int) -> int:
+    """Seed of one start of one class (barycenter.py --restarts): start 0 is class_seed (one start is the
+    plain run), start r > 0 a seed hashed from (seed, class, r); independent of batching and sharding."""
+    if restart == 0:
+        return class_seed(seed, class_index)
+    digest = hashlib.sha256(f"barycenter restart {seed}/{class_index}/{restart}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63 - 1)
+
+
+def lower_w2(a: Barycenter, b: Barycenter) -> Barycenter:
+    """Per class, the result of lower W2^2 of two batched results (a on ties)."""
+    take = b.w2 < a.w2
+
+    def pick(x, y):
+        return torch.where(take.view(-1, *([1] * (x.ndim - 1))), y, x)
+
+    return Barycenter(points=pick(a.points, b.points), weights=pick(a.weights, b.weights),
+                      w2=pick(a.w2, b.w2), iters=pick(a.iters, b.iters), info=a.info)
 
 
 def pad_classes(features: Sequence[torch.Tensor], dtype=torch.float32):
