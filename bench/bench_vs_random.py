@@ -16,6 +16,9 @@ wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a r
 
     random     IPC random real images per class (new per seed)      baseline
     coreset    the atoms' nearest real images, no recover           baseline
+    full       the whole training set, hard labels (evaluate's      baseline
+               `--baseline full`, one student per seed, shared by every IPC under <work>/full): the
+               ceiling of the hard-label column; its IOR is the headroom any subset has over random
     sre2l      recover --sre2l (SRe2L's recover), noise start
     wmdd       recover with the paper's defaults (noise start)
     nearest    recover --init nearest
@@ -54,7 +57,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINES = ("random", "coreset")
+BASELINES = ("random", "coreset", "full")
 ROWS = {  # name -> recover flags (the column's --iterations is added unless the row sets its own)
     "sre2l": ["--sre2l"],
     "wmdd": [],
@@ -105,10 +108,11 @@ def link_shared(src: str, dst: str) -> None:
 
 
 def per_seed(results_json: str) -> dict:
-    """{run key ('distilled/soft', 'random/hard', ...): [top-1 per seed]} of one evaluate run."""
+    """({run key ('distilled/soft', 'random/hard', 'full/hard', ...): [top-1 per seed]}, the teacher's val
+    top-1) of one evaluate run."""
     with open(results_json) as fh:
         report = json.load(fh)
-    return {r["key"]: [x["top1"] for x in r["per_seed"]] for r in report["runs"]}
+    return {r["key"]: [x["top1"] for x in r["per_seed"]] for r in report["runs"]}, report.get("teacher_val_top1")
 
 
 def mean_std(values: list) -> tuple:
@@ -142,7 +146,7 @@ def main():
     p.add_argument("--epochs", type=int, required=True, help="student epochs of every row")
     p.add_argument("--student", default=None, help="evaluate --student (default: the preset's)")
     p.add_argument("--rows", default="random,coreset,sre2l,wmdd,nearest,best")
-    p.add_argument("--baselines", default="random,coreset",
+    p.add_argument("--baselines", default="random,coreset,full",
                    help="evaluate --baseline list run beside the first recover row (rows named like them)")
     p.add_argument("--squeeze-args", default="", help="extra squeeze.py flags (the teacher recipe)")
     p.add_argument("--barycenter-args", default="", help="extra barycenter.py flags (every column's barycenters, "
@@ -171,30 +175,30 @@ def main():
         stage("squeeze.py", common + ["--out", base] + shlex.split(a.squeeze_args), log)
     with open(os.path.join(base, "teacher.pt"), "rb"):
         pass
-    results, walls = {}, {}
+    results, walls, teacher_top1 = {}, {}, None
     host_baselines = [b for b in a.baselines.split(",") if b in rows]
     for ipc in [int(x) for x in a.ipc.split(",")]:
         # a column is named by the barycenter flags too: other barycenters never reuse another's recover rows
         col = os.path.join(a.work, f"ipc{ipc}" + (f"-b{digest(a.barycenter_args)}" if a.barycenter_args else ""))
         evaluate = common + ["--ipc", ipc, "--labels", "online", "--epochs", a.epochs,
-                             "--eval-every", a.eval_every or a.epochs]
+                             "--eval-every", a.eval_every or a.epochs, "--full-data-dir", os.path.join(a.work, "full")]
         evaluate += ["--student", a.student] if a.student else []
         evaluate += shlex.split(a.eval_args)
         if not a.redistill:  # one distilled set per row, a.seeds students on it
-            distill_column(a, rows, recover_rows, host_baselines, ipc, col, common,
-                           evaluate + ["--seeds", a.seeds], log, results, walls)
+            teacher_top1 = distill_column(a, rows, recover_rows, host_baselines, ipc, col, common,
+                                          evaluate + ["--seeds", a.seeds], log, results, walls)
             continue
         for s in range(a.seed, a.seed + a.seeds):  # a new distilled set per seed, one student on it
             got, took = {}, {}
-            distill_column(a, rows, recover_rows, host_baselines, ipc, os.path.join(col, f"seed{s}"),
-                           with_seed(common, s), with_seed(evaluate, s) + ["--seeds", 1], log, got, took)
+            teacher_top1 = distill_column(a, rows, recover_rows, host_baselines, ipc, os.path.join(col, f"seed{s}"),
+                                          with_seed(common, s), with_seed(evaluate, s) + ["--seeds", 1], log, got, took)
             for key, r in got.items():
                 acc = results.setdefault(key, {"soft": [], "hard": []})
                 for regime in acc:
                     acc[regime] += r[regime] or []
             for key, t in took.items():
                 walls[key] = walls.get(key, 0.0) + t
-    write_report(a, rows, results, walls, time.time() - t_start)
+    write_report(a, rows, results, walls, teacher_top1, time.time() - t_start)
 
 
 def digest(text: str) -> str:
@@ -209,7 +213,8 @@ def with_seed(argv: list, seed: int) -> list:
 
 def distill_column(a, rows, recover_rows, host_baselines, ipc, col, common, evaluate, log, results, walls):
     """One IPC column under `col`: barycenter.py, then recover.py + evaluate.py for every recover row (the
-    baselines evaluated beside the first one); per-seed top-1 lists into results[(ipc, name)]."""
+    baselines evaluated beside the first one); per-seed top-1 lists into results[(ipc, name)]. Returns the
+    teacher's val top-1 (evaluate's measurement)."""
     base = os.path.join(a.work, "teacher")
     bary = os.path.join(col, "barycenter")
     link_shared(base, bary)
@@ -226,21 +231,24 @@ def distill_column(a, rows, recover_rows, host_baselines, ipc, col, common, eval
         baseline = ",".join(host_baselines) if k == 0 and host_baselines else "none"
         stage("evaluate.py", evaluate + ["--out", out, "--baseline", baseline], log)
         walls[(ipc, name)] = time.time() - t0
-        got = per_seed(os.path.join(out, "results.json"))
+        got, teacher_top1 = per_seed(os.path.join(out, "results.json"))
         results[(ipc, name)] = {"soft": got.get("distilled/soft"), "hard": got.get("distilled/hard")}
         if k == 0:
             for b in host_baselines:
                 results[(ipc, b)] = {"soft": got.get(f"{b}/soft"), "hard": got.get(f"{b}/hard")}
+    return teacher_top1
 
 
-def write_report(a, rows, results, walls, total_s: float) -> None:
+def write_report(a, rows, results, walls, teacher_top1, total_s: float) -> None:
     report = a.report or os.path.join(a.work, "vs_random.md")
     ipcs = sorted({ipc for ipc, _ in results})
     lines = [f"{a.dataset}{' ' + a.data_dir if a.data_dir else ''} (resolution {a.resolution or 'preset'}), "
              f"{a.seeds} seeds, recover {a.iterations} iterations, student {a.student or 'preset'} "
              f"{a.epochs} epochs, labels: soft = teacher online (KL), hard = class labels; distilled sets: "
              f"{'a new one per seed (--redistill)' if a.redistill else f'one per row (seed {a.seed})'}; "
-             f"{platform.node()}, {time.strftime('%Y-%m-%d')}, {total_s / 60:.0f} min in all", ""]
+             f"{platform.node()}, {time.strftime('%Y-%m-%d')}, {total_s / 60:.0f} min in all",
+             "", f"teacher val top-1 {teacher_top1:.2f}% (what the soft-label students learn from)"
+             if teacher_top1 is not None else "teacher val top-1 not measured", ""]
     for ipc in ipcs:
         rnd = results.get((ipc, "random"), {})
         lines += [f"IPC {ipc}", "",
@@ -251,18 +259,21 @@ def write_report(a, rows, results, walls, total_s: float) -> None:
             if r is None:
                 continue
             wall = f"{walls[(ipc, name)] / 60:.1f} min" if (ipc, name) in walls else "(with the first row)"
-            ior_s = fmt_ior(r["soft"], rnd.get("soft")) if name != "random" else "0"
+            ior_s = fmt_ior(r["soft"], rnd.get("soft")) if name != "random" else "0"  # full: no soft student
             ior_h = fmt_ior(r["hard"], rnd.get("hard")) if name != "random" else "0"
             flags = " ".join(rows[name]) if rows[name] else ("paper defaults" if rows[name] == [] else "baseline")
             lines.append(f"| {name} (`{flags}`) | {fmt(r['soft'])} | {ior_s} | {fmt(r['hard'])} | {ior_h} | {wall} |")
         lines.append("")
-    lines.append("mean ± sample std over seeds; IOR = acc(row) − acc(random real), paired by seed; ✓: mean − std > 0")
+    lines.append("mean ± sample std over seeds; IOR = acc(row) − acc(random real), paired by seed; ✓: mean − std > 0"
+                 + ("; full: the whole training set with hard labels, its IOR the headroom over random"
+                    if "full" in rows else ""))
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
     with open(report, "w") as fh:
         fh.write(text)
     with open(os.path.splitext(report)[0] + ".json", "w") as fh:
-        json.dump({"args": vars(a), "results": {f"ipc{i}/{n}": v for (i, n), v in results.items()}}, fh, indent=1)
+        json.dump({"args": vars(a), "teacher_val_top1": teacher_top1,
+                   "results": {f"ipc{i}/{n}": v for (i, n), v in results.items()}}, fh, indent=1)
     print(text)
 
 
