@@ -107,7 +107,7 @@ def link_shared(src: str, dst: str) -> None:
             os.symlink(os.path.abspath(target), link)
 
 
-def per_seed(results_json: str) -> dict:
+def per_seed(results_json: str) -> tuple:
     """({run key ('distilled/soft', 'random/hard', 'full/hard', ...): [top-1 per seed]}, the teacher's val
     top-1) of one evaluate run."""
     with open(results_json) as fh:
@@ -259,7 +259,7 @@ def write_report(a, rows, results, walls, teacher_top1, total_s: float) -> None:
             if r is None:
                 continue
             wall = f"{walls[(ipc, name)] / 60:.1f} min" if (ipc, name) in walls else "(with the first row)"
-            ior_s = fmt_ior(r["soft"], rnd.get("soft")) if name != "random" else "0"  # full: no soft student
+            ior_s = fmt_ior(r["soft"], rnd.get("soft")) if name != "random" else "0"
             ior_h = fmt_ior(r["hard"], rnd.get("hard")) if name != "random" else "0"
             flags = " ".join(rows[name]) if rows[name] else ("paper defaults" if rows[name] == [] else "baseline")
             lines.append(f"| {name} (`{flags}`) | {fmt(r['soft'])} | {ior_s} | {fmt(r['hard'])} | {ior_h} | {wall} |")
