@@ -55,6 +55,11 @@ real images" measures them):
                           most once: an optimal assignment per class (wmdd/coreset.py says why). The loss then
                           refines it; the start depends on features.pt and barycenters.pt, so both are part of
                           every shard's upstream key. (--init real: random real images of the class instead.)
+    --init hardest        image j of class c starts from the image of atom j's cell (the class's images that
+                          the barycenter's transport plan gives atom j) with the smallest teacher margin
+                          (own-class logit minus the largest other): the barycenter's coverage of the class,
+                          the image nearest a decision boundary from each region (wmdd/coreset.py). Needs
+                          features.pt, barycenters.pt and the teacher, all part of every shard's key.
     --crop-scale LO HI    the area range of recover's RandomResizedCrop (default: the preset's, 0.08-1 for
                           the paper's datasets, 0.25-1 for digits); part of the recipe.
     --iterations, --lr, --lambda-bn   from a real start fewer, smaller steps keep the image close to the real one.
@@ -67,7 +72,8 @@ real images" measures them):
                           its class's statistics, which costs hard-label accuracy (digits) and gives the
                           soft-label gain (photos); 1 instead of the presets' 10 favours hard labels.
 
-evaluate's `--baseline coreset` trains on those nearest real images themselves (no recover).
+evaluate's `--baseline coreset` trains on those nearest real images themselves (no recover), `--baseline
+hardest` on the hardest-in-cell ones.
 
 `--bn global` matches the teacher's BN running statistics (what the released code matched; `--global-stats
 data` matches the exact training-set statistics of bn_stats.pt instead). With global BN the released code
@@ -156,9 +162,10 @@ def get_args_parser():
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per batch; batches hold batch-size // ipc whole classes (chunks of a class "
                         "when ipc > batch-size)")
-    g.add_argument("--init", default="noise", choices=["noise", "real", "nearest"],
-                   help="start from Gaussian noise (paper), from random real images of the class, or from the "
-                        "real image nearest to each barycenter atom (wmdd/coreset.py)")
+    g.add_argument("--init", default="noise", choices=["noise", "real", "nearest", "hardest"],
+                   help="start from Gaussian noise (paper), from random real images of the class, from the "
+                        "real image nearest to each barycenter atom, or from the image of each atom's cell "
+                        "the teacher finds hardest (wmdd/coreset.py)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="RandomResizedCrop area range of recover's augmentation (default: the preset's)")
     g.add_argument("--jitter", type=int, default=None,
@@ -612,7 +619,7 @@ def run(args, info, world, device, t0):
     paths = artifacts.run_paths(args.out)
     inputs = load_inputs(args, info, device, paths)
     model, upstream = inputs[0], inputs[1]
-    if args.init == "nearest":  # the starting images depend on both files: part of every shard's key
+    if args.init in coreset.PICKS:  # the starting images depend on both files: part of every shard's key
         upstream = {**upstream, "features": paths.features, "barycenters": args.barycenters or paths.barycenters}
     if args.channels_last == "on":
         model.to(memory_format=torch.channels_last)
@@ -629,9 +636,9 @@ def run(args, info, world, device, t0):
     real = None
     if args.init == "real" and todo:
         real = coreset.RealImages(info, args)
-    elif args.init == "nearest" and todo:
-        real = coreset.RealImages(info, args, coreset.load_assignment(info, paths.features, args.barycenters or
-                                                              paths.barycenters, args.teacher or paths.teacher))
+    elif args.init in coreset.PICKS and todo:
+        real = coreset.RealImages(info, args, coreset.load_assignment(
+            info, paths.features, args.barycenters or paths.barycenters, args.teacher or paths.teacher, args.init))
     objective = Objective(model, args)
     steps = sum(len(g.batches) for g in mine) * args.iterations
     error = None

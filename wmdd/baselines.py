@@ -9,6 +9,9 @@
 - `coreset`: the real training image nearest (teacher feature) to each barycenter atom of --out, each
   used once (wmdd/coreset.py; the start of recover --init nearest), without recover: what recover adds
   to the barycenter's choice. Trained like the distilled set (soft and hard labels).
+- `hardest`: from each barycenter atom's cell (the class images the barycenter's transport plan gives
+  it), the image with the smallest teacher margin (wmdd/coreset.py; the start of recover --init
+  hardest), without recover. Trained like the distilled set (soft and hard labels).
 
 A new baseline is one `Baseline(...)` entry: its name, whether each seed draws its own set, the label
 kinds it trains with, and the function that builds its `subsets.ImageSet` from (info, args, ipc, seed).
@@ -41,13 +44,16 @@ BASELINES = {
     "coreset": Baseline("coreset", False, ("soft", "hard"),
                         lambda info, args, ipc, seed: _coreset(info, args, ipc),
                         "nearest-real coreset (atoms' images, no recover)"),
+    "hardest": Baseline("hardest", False, ("soft", "hard"),
+                        lambda info, args, ipc, seed: _coreset(info, args, ipc, "hardest"),
+                        "hardest-in-cell coreset (no recover)"),
 }
 
 
-def _coreset(info, args, ipc: int):
+def _coreset(info, args, ipc: int, pick: str = "nearest"):
     from wmdd import coreset  # needs POT / scipy only when asked for
 
-    return coreset.baseline_subset(info, args, ipc)
+    return coreset.baseline_subset(info, args, ipc, pick)
 
 
 def parse(text: str) -> list:

@@ -15,6 +15,21 @@ algorithm). Taking each atom's nearest image independently can pick one image tw
 same nearest neighbour); POT's `emd` would need equal masses on both sides (k = n) or a partial plan. The
 squared distance is the barycenter's own cost (W2^2), so the chosen images are the discrete measure on
 real features closest to the barycenter among those with one image per atom.
+
+The hardest image of each atom's cell (`--init hardest`, evaluate's `--baseline hardest`; ours, not the
+paper's): the barycenter's own optimal coupling pi_c between the atoms (weights w_c) and the class's
+features (uniform) splits the class into k cells, image i belonging to the atom that carries the largest
+share of its mass, argmax_j pi_c[j, i]. From atom j's cell the choice is the image the teacher finds
+hardest, the smallest margin
+
+    m_i = z_i[y_i] - max_{y != y_i} z_i[y],    z_i = the teacher's classifier applied to features.pt's F_i
+
+(the logits of the unaugmented image). The cells keep the barycenter's coverage of the class, one image
+per region of its feature cloud; the margin takes from each region the image nearest a decision boundary
+rather than its most typical one. With hard labels at a large IPC that is the more informative choice
+(bench/RESULTS.md, "Against random real images"); at IPC 1 the one cell is the whole class. An atom whose
+cell is empty (possible when its mass is split over images that other atoms carry more of) takes its
+nearest unused image.
 """
 from __future__ import annotations
 
@@ -22,7 +37,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from wmdd import artifacts, data, subsets
+from wmdd import artifacts, data, models, subsets
 from wmdd.shards import batch_generator
 from wmdd.cli import fail
 
@@ -32,21 +47,82 @@ def assign_nearest(features: torch.Tensor, labels: torch.Tensor, points: torch.T
     within a class; across classes the images differ anyway since each belongs to one class).
     features [N, d], labels [N] (class of each training image, dataset order), points [C, k, d]."""
     C, k, _ = points.shape
-    labels = labels.to(torch.int64)
     chosen = torch.empty(C, k, dtype=torch.int64)
     for c in range(C):
-        idx = (labels == c).nonzero().flatten()
-        if len(idx) < k:
-            fail(f"class {c} has {len(idx)} training images but the barycenter has {k} atoms (= --ipc): the "
-                 "nearest-real choice needs a different image per atom. Use a smaller --ipc.")
-        cost = torch.cdist(points[c].double(), features[idx].double()).pow(2).numpy()
-        rows, cols = linear_sum_assignment(cost)
+        idx = _class_images(labels, c, k)
+        rows, cols = linear_sum_assignment(_cost(points[c], features[idx]))
         chosen[c, torch.as_tensor(rows)] = idx[torch.as_tensor(np.asarray(cols))]
     return chosen
 
 
-def load_assignment(info, features_path, barycenters_path, teacher_path=None) -> torch.Tensor:
-    """assign_nearest on barycenter.py's files, each checked against this run (and against the teacher)."""
+def teacher_margins(features: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """[N] float64: m_i = z_i[y_i] - max_{y != y_i} z_i[y], z_i = head(features[i]) (the teacher's classifier
+    on its own penultimate features: the logits of the unaugmented image). Negative: misclassified."""
+    with torch.no_grad():
+        logits = head(features.float()).double()
+    labels = labels.to(torch.int64)[:, None]
+    return (logits.gather(1, labels) - logits.scatter(1, labels, float("-inf")).amax(1, keepdim=True)).squeeze(1)
+
+
+def atom_cells(points: torch.Tensor, weights: torch.Tensor, features: torch.Tensor) -> np.ndarray:
+    """[n] the cell (atom index) of each of one class's n features: the atom carrying the largest share of
+    its mass in the optimal coupling (POT's exact `emd`, squared Euclidean cost) between the atoms
+    (weights, normalised) and the features (uniform), i.e. the barycenter's own transport plan."""
+    import ot
+
+    w = weights.double().numpy()
+    plan = ot.emd(w / w.sum(), np.full(len(features), 1.0 / len(features)), _cost(points, features))
+    return plan.argmax(0)
+
+
+def assign_hardest(features: torch.Tensor, labels: torch.Tensor, points: torch.Tensor, weights: torch.Tensor,
+                   margins: torch.Tensor) -> torch.Tensor:
+    """Dataset indices [C, k]: atom j of class c -> the image of its cell (atom_cells) with the smallest
+    teacher margin (teacher_margins); an atom with an empty cell takes its nearest image not yet taken.
+    Distinct within a class (the cells are disjoint). features [N, d], labels [N], points [C, k, d],
+    weights [C, k], margins [N]."""
+    C, k, _ = points.shape
+    chosen = torch.empty(C, k, dtype=torch.int64)
+    for c in range(C):
+        idx = _class_images(labels, c, k)
+        cells = atom_cells(points[c], weights[c], features[idx])
+        m = margins[idx].numpy()
+        empty = []
+        for j in range(k):
+            members = np.flatnonzero(cells == j)
+            if len(members):
+                chosen[c, j] = idx[int(members[np.argmin(m[members])])]
+            else:
+                empty.append(j)
+        if empty:
+            taken = set(chosen[c, [j for j in range(k) if j not in empty]].tolist())
+            cost = _cost(points[c], features[idx])
+            for j in empty:
+                free = [i for i in np.argsort(cost[j]) if int(idx[i]) not in taken]
+                chosen[c, j] = idx[int(free[0])]
+                taken.add(int(idx[int(free[0])]))
+    return chosen
+
+
+def _class_images(labels: torch.Tensor, c: int, k: int) -> torch.Tensor:
+    idx = (labels.to(torch.int64) == c).nonzero().flatten()
+    if len(idx) < k:
+        fail(f"class {c} has {len(idx)} training images but the barycenter has {k} atoms (= --ipc): the "
+             "real-image choice needs a different image per atom. Use a smaller --ipc.")
+    return idx
+
+
+def _cost(points: torch.Tensor, features: torch.Tensor) -> np.ndarray:
+    """[k, n] squared Euclidean distances in float64: the barycenter's W2^2 cost."""
+    return torch.cdist(points.double(), features.double()).pow(2).numpy()
+
+
+PICKS = ("nearest", "hardest")
+
+
+def load_assignment(info, features_path, barycenters_path, teacher_path=None, pick: str = "nearest") -> torch.Tensor:
+    """assign_nearest (pick 'nearest') or assign_hardest ('hardest', needs the teacher) on barycenter.py's
+    files, each checked against this run (and against the teacher)."""
     upstream = {"teacher": teacher_path} if teacher_path is not None else None
     feats = artifacts.load(features_path, stage="features")
     artifacts.check_compatible(feats["meta"], info, features_path, upstream=upstream)
@@ -60,7 +136,14 @@ def load_assignment(info, features_path, barycenters_path, teacher_path=None) ->
     if feats["features"].shape[1] != points.shape[2]:
         fail(f"{features_path} holds {feats['features'].shape[1]}-d features but {barycenters_path} "
              f"{points.shape[2]}-d atoms. Rerun barycenter.py with --recompute-features.")
-    return assign_nearest(feats["features"].float(), feats["labels"], points)
+    if pick == "nearest":
+        return assign_nearest(feats["features"].float(), feats["labels"], points)
+    if teacher_path is None:
+        fail(f"the hardest-in-cell choice needs the teacher (its margins on {features_path}), but there is no "
+             "teacher.pt for this run. Pass --teacher PATH.")
+    teacher, _ = models.load_teacher(teacher_path, info)
+    margins = teacher_margins(feats["features"], feats["labels"], models.classifier(teacher))
+    return assign_hardest(feats["features"].float(), feats["labels"], points, bary["weights"], margins)
 
 
 def coreset_subset(info, args, chosen: torch.Tensor, source: str = "nearest-real coreset") -> subsets.ImageSet:
@@ -73,38 +156,44 @@ def coreset_subset(info, args, chosen: torch.Tensor, source: str = "nearest-real
     return subsets.ImageSet(images, labels, torch.full((C * k,), 1.0 / k), k, source, flat)
 
 
-def baseline_subset(info, args, ipc: int) -> subsets.ImageSet:
-    """evaluate's `--baseline coreset`: the nearest real images of the barycenters in --out (features.pt,
-    barycenters.pt). Refused when the synthetic set under evaluation was made from other barycenters (its
-    meta records their sha256): the two rows would then answer different questions."""
+def baseline_subset(info, args, ipc: int, pick: str = "nearest") -> subsets.ImageSet:
+    """evaluate's `--baseline coreset` (pick 'nearest': the nearest real images of the barycenters in --out,
+    features.pt and barycenters.pt) and `--baseline hardest` (the hardest image of each atom's cell).
+    Refused when the synthetic set under evaluation was made from other barycenters (its meta records
+    their sha256): the two rows would then answer different questions."""
     import os
 
+    name = {"nearest": "coreset", "hardest": "hardest"}[pick]
     paths = artifacts.run_paths(args.out)
     teacher = getattr(args, "teacher", None) or paths.teacher
     synthetic = getattr(args, "synthetic", None) or paths.synthetic
     if os.path.isfile(synthetic) and os.path.isfile(paths.barycenters):
         recorded = artifacts.load(synthetic).get("meta", {}).get("upstream", {}).get("barycenters")
         if recorded is not None and recorded != artifacts.sha256_file(paths.barycenters):
-            fail(f"--baseline coreset: {synthetic} was recovered from other barycenters than {paths.barycenters} "
+            fail(f"--baseline {name}: {synthetic} was recovered from other barycenters than {paths.barycenters} "
                  "(sha256 differs), so the coreset would not be the distilled set's own atoms' images. Rerun "
                  "recover.py with these barycenters, or barycenter.py with the recover run's settings.")
-    chosen = load_assignment(info, paths.features, paths.barycenters, teacher if os.path.isfile(teacher) else None)
+    chosen = load_assignment(info, paths.features, paths.barycenters, teacher if os.path.isfile(teacher) else None,
+                             pick)
     if chosen.shape[1] != ipc:
-        fail(f"--baseline coreset: {paths.barycenters} holds {chosen.shape[1]} atoms per class, but --ipc is {ipc}. "
+        fail(f"--baseline {name}: {paths.barycenters} holds {chosen.shape[1]} atoms per class, but --ipc is {ipc}. "
              f"Rerun barycenter.py with --ipc {ipc}.")
-    return coreset_subset(info, args, chosen, "nearest-real coreset (barycenter atoms' images, no recover)")
+    what = "nearest-real coreset (barycenter atoms' images" if pick == "nearest" else \
+        "hardest-in-cell coreset (the hardest image of each atom's cell"
+    return coreset_subset(info, args, chosen, what + ", no recover)")
 
 
 class RealImages:
     """--init real: random training images of a class (normalised), drawn per class from the seed.
-    --init nearest: `chosen` [C, IPC] dataset indices, image j of class c = atom j's (assign_nearest)."""
+    --init nearest / hardest: `chosen` [C, IPC] dataset indices, image j of class c = atom j's
+    (assign_nearest / assign_hardest)."""
 
     def __init__(self, info, args, chosen: torch.Tensor | None = None):
         self.ds = data.build_dataset(info, args, "train", augment=False)
         self.per_class = data.class_indices(self.ds.targets, info.num_classes)
         self.info, self.seed, self.ipc, self.chosen = info, args.seed, args.ipc, chosen
         if chosen is not None and tuple(chosen.shape) != (info.num_classes, args.ipc):
-            fail(f"--init nearest: the barycenters hold {chosen.shape[1]} atoms per class, but --ipc is "
+            fail(f"--init {args.init}: the barycenters hold {chosen.shape[1]} atoms per class, but --ipc is "
                      f"{args.ipc}. Rerun barycenter.py with --ipc {args.ipc}.")
         short = [(info.classes[c], len(ix)) for c, ix in enumerate(self.per_class) if len(ix) < args.ipc]
         if short and chosen is None:  # checked before any work, not when the class's group comes up
