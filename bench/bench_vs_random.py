@@ -16,6 +16,7 @@ wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a r
 
     random     IPC random real images per class (new per seed)      baseline
     coreset    the atoms' nearest real images, no recover           baseline
+    hardest    the hardest image of each atom's cell, no recover    baseline (evaluate --baseline hardest)
     full       the whole training set, hard labels (evaluate's      baseline
                `--baseline full`, one student per seed, shared by every IPC under <work>/full): the
                ceiling of the hard-label column; its IOR is the headroom any subset has over random
@@ -57,7 +58,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINES = ("random", "coreset", "full")
+BASELINES = ("random", "coreset", "hardest", "full")
 ROWS = {  # name -> recover flags (the column's --iterations is added unless the row sets its own)
     "sre2l": ["--sre2l"],
     "wmdd": [],
