@@ -147,7 +147,7 @@ def main():
     p.add_argument("--epochs", type=int, required=True, help="student epochs of every row")
     p.add_argument("--student", default=None, help="evaluate --student (default: the preset's)")
     p.add_argument("--rows", default="random,coreset,sre2l,wmdd,nearest,best")
-    p.add_argument("--baselines", default="random,coreset,full",
+    p.add_argument("--baselines", default="random,coreset,hardest,full",
                    help="evaluate --baseline list run beside the first recover row (rows named like them)")
     p.add_argument("--squeeze-args", default="", help="extra squeeze.py flags (the teacher recipe)")
     p.add_argument("--barycenter-args", default="", help="extra barycenter.py flags (every column's barycenters, "
