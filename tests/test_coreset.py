@@ -13,7 +13,7 @@ import torch
 import barycenter
 import recover
 from conftest import copy_run, run_stage
-from wmdd import artifacts, cli, coreset, data, subsets
+from wmdd import artifacts, cli, coreset, data, models, subsets
 
 
 def brute_force(features, points):
@@ -131,3 +131,94 @@ def test_nearest_without_features_is_a_clear_error(placed, tmp_path):
     with pytest.raises(cli.UserError, match="features.pt"):
         run_stage(recover, ["--dataset", "digits", "--ipc", 2, "--out", out, "--init", "nearest",
                             "--iterations", 1, "--no-png"])
+
+
+# --init hardest / --baseline hardest: the hardest image of each atom's cell
+
+def clusters(k=3, per=4, d=5, seed=0):
+    """k tight, far-apart clusters of `per` features each (one class), atoms on their centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 50
+    features = (centres[:, None, :] + 0.1 * torch.randn(k, per, d, generator=g)).reshape(k * per, d)
+    return features, centres
+
+
+def test_cells_are_the_clusters_and_the_hardest_member_is_picked():
+    features, centres = clusters()
+    labels = torch.zeros(12, dtype=torch.int64)
+    # uniform weights, equal cluster sizes: the optimal coupling sends each cluster to its own atom
+    cells = coreset.atom_cells(centres, torch.full((3,), 1 / 3), features)
+    assert cells.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    margins = torch.tensor([3.0, 1.0, 2.0, 5.0, 0.5, 4.0, 4.5, 6.0, 2.0, 2.5, -1.0, 0.0], dtype=torch.float64)
+    chosen = coreset.assign_hardest(features, labels, centres[None], torch.full((1, 3), 1 / 3), margins)
+    assert chosen.tolist() == [[1, 4, 10]]  # the smallest margin of each cluster, in atom order
+    # atoms listed in another order: the same images follow their atoms
+    chosen = coreset.assign_hardest(features, labels, centres[[2, 0, 1]][None], torch.full((1, 3), 1 / 3), margins)
+    assert chosen.tolist() == [[10, 1, 4]]
+
+
+def test_an_empty_cell_takes_its_nearest_free_image_and_none_is_used_twice():
+    # atom 1 carries a hundredth of the mass: every image gives more of itself to atom 0, so atom 1's cell
+    # is empty; it takes its nearest image that atom 0 did not take
+    features = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    points = torch.tensor([[[1.0], [9.0]]])
+    weights = torch.tensor([[0.99, 0.01]])
+    assert coreset.atom_cells(points[0], weights[0], features).tolist() == [0, 0, 0, 0]
+    margins = torch.tensor([1.0, 2.0, 3.0, 0.0], dtype=torch.float64)
+    assert coreset.assign_hardest(features, torch.zeros(4, dtype=torch.int64), points, weights,
+                                  margins).tolist() == [[3, 2]]
+    # many atoms on few images: the picks are distinct, each from its own class
+    g = torch.Generator().manual_seed(1)
+    features, labels = torch.randn(14, 3, generator=g), torch.tensor([0] * 6 + [1] * 8)
+    chosen = coreset.assign_hardest(features, labels, torch.randn(2, 5, 3, generator=g), torch.full((2, 5), 0.2),
+                                    torch.randn(14, generator=g).double())
+    for c in range(2):
+        assert len(set(chosen[c].tolist())) == 5 and all(int(labels[i]) == c for i in chosen[c])
+
+
+def test_margins_are_the_teachers_on_the_images(placed):
+    out, _ = placed
+    paths = artifacts.run_paths(out)
+    info = data.resolve(recover.get_args_parser().parse_args(["--dataset", "digits"]))
+    model, _ = models.load_teacher(paths.teacher, info)
+    feats = artifacts.load(paths.features, stage="features")
+    got = coreset.teacher_margins(feats["features"], feats["labels"], models.classifier(model))
+    ds = data.build_dataset(info, recover.get_args_parser().parse_args(["--dataset", "digits"]), "train")
+    pick = [0, 7, 100, 500, len(ds) - 1]
+    with torch.no_grad():
+        logits = model(torch.stack([ds[i][0] for i in pick])).double()  # the oracle: the teacher's own forward
+    for row, i in zip(logits, pick):
+        y = ds[i][1]
+        expected = row[y] - torch.cat([row[:y], row[y + 1:]]).max()
+        assert abs(float(got[i]) - float(expected)) < 1e-4
+
+
+def test_init_hardest_and_its_baseline_hold_the_hardest_images(placed, tmp_path):
+    out = copy_run(placed[0], tmp_path / "run")
+    paths = artifacts.run_paths(out)
+    args = recover.get_args_parser().parse_args(["--dataset", "digits", "--ipc", "2", "--out", out])
+    info = data.resolve(args)
+    feats = artifacts.load(paths.features, stage="features")
+    bary = artifacts.load(paths.barycenters, stage="barycenter")
+    model, _ = models.load_teacher(paths.teacher, info)
+    margins = coreset.teacher_margins(feats["features"], feats["labels"], models.classifier(model))
+    expected_idx = coreset.assign_hardest(feats["features"], feats["labels"], bary["points"], bary["weights"],
+                                          margins)
+    assert not torch.equal(expected_idx, coreset.load_assignment(info, paths.features, paths.barycenters))
+    res = run_stage(recover, ["--dataset", "digits", "--ipc", 2, "--out", out, "--iterations", 1, "--lr", 0,
+                              "--init", "hardest", "--no-png"])
+    syn = artifacts.load(res["synthetic"])
+    ds = data.build_dataset(info, args, "train", augment=False)
+    expected = torch.stack([subsets._to_uint8(info, ds[int(i)][0]) for i in expected_idx.flatten()])
+    assert (syn["images"].int() - expected.int()).abs().max() <= 1
+    assert syn["recipe"]["init"] == "hardest" and {"features", "barycenters", "teacher"} <= set(syn["meta"]["upstream"])
+    base = coreset.baseline_subset(info, args, 2, "hardest")  # evaluate's --baseline hardest
+    assert base.indices == expected_idx.flatten().tolist() and torch.equal(base.images, expected)
+    assert "hardest" in base.source
+
+
+def test_shards_of_nearest_and_hardest_starts_are_never_merged(placed, tmp_path):
+    split = copy_run(placed[0], tmp_path / "split")
+    common = ["--dataset", "digits", "--ipc", 2, "--out", split, "--iterations", 1, "--no-png", "--batch-size", 10]
+    assert run_stage(recover, common + ["--classes", "0:5", "--init", "nearest"])["synthetic"] is None
+    assert run_stage(recover, common + ["--classes", "5:10", "--init", "hardest"])["synthetic"] is None
