@@ -62,6 +62,9 @@ real images" measures them):
                           features.pt, barycenters.pt and the teacher, all part of every shard's key.
     --crop-scale LO HI    the area range of recover's RandomResizedCrop (default: the preset's, 0.08-1 for
                           the paper's datasets, 0.25-1 for digits); part of the recipe.
+    --iterations 0        with a real start (--init real / nearest / hardest): no step, synthetic.pt holds
+                          the starting real images themselves (the coreset a start picks, in the format
+                          relabel and evaluate read).
     --iterations, --lr, --lambda-bn   from a real start fewer, smaller steps keep the image close to the real one.
                           Adam moves a pixel by up to about --lr per step whatever the gradient's size, so
                           the preset's lr (0.1-0.25) leaves a real image within a few steps. The README's
@@ -157,7 +160,8 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_common_args(p, ipc=True)
     g = p.add_argument_group("optimisation (unset: the preset's value)")
-    g.add_argument("--iterations", type=int, default=None, help="Adam steps per batch")
+    g.add_argument("--iterations", type=int, default=None,
+                   help="Adam steps per batch (0 with a real --init: the starting images themselves)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (cosine schedule per iteration)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per batch; batches hold batch-size // ipc whole classes (chunks of a class "
@@ -241,9 +245,13 @@ def resolve_args(args, info, device) -> None:
         args.amp = "bf16" if device.type == "cuda" else "fp32"
     if args.channels_last == "auto":
         args.channels_last = "on"
-    if args.ipc < 1 or args.batch_size < 1 or args.iterations < 1:
+    if args.ipc < 1 or args.batch_size < 1 or args.iterations < 0:
         cli.fail(f"--ipc ({args.ipc}), --batch-size ({args.batch_size}) and --iterations ({args.iterations}) "
-                 "must be positive.")
+                 "must be positive (--iterations 0: only with a real start).")
+    if args.iterations == 0 and args.init == "noise":
+        cli.fail("--iterations 0 keeps the starting images as they are, and --init noise starts from noise: pass "
+                 "--init real / nearest / hardest (a set of real images in synthetic.pt's format) or "
+                 "--iterations 1 or more.")
     if args.bn == "per-class" and args.layout != "class-major":
         cli.fail("--bn per-class needs class-major batches (whole classes per batch); drop --layout ipc-major.")
     if args.feature == "none" and args.bn == "none" and args.r_ce == 0:

@@ -215,6 +215,13 @@ def test_init_hardest_and_its_baseline_hold_the_hardest_images(placed, tmp_path)
     base = coreset.baseline_subset(info, args, 2, "hardest")  # evaluate's --baseline hardest
     assert base.indices == expected_idx.flatten().tolist() and torch.equal(base.images, expected)
     assert "hardest" in base.source
+    # --iterations 0 from a real start: the starting images themselves, the baseline's set as synthetic.pt
+    zero = copy_run(placed[0], tmp_path / "zero")
+    res = run_stage(recover, ["--dataset", "digits", "--ipc", 2, "--out", zero, "--iterations", 0,
+                              "--init", "hardest", "--no-png"])
+    assert torch.equal(artifacts.load(res["synthetic"])["images"], base.images)
+    with pytest.raises(cli.UserError, match="--iterations 0"):
+        run_stage(recover, ["--dataset", "digits", "--ipc", 2, "--out", zero, "--iterations", 0, "--no-png"])
 
 
 def test_shards_of_nearest_and_hardest_starts_are_never_merged(placed, tmp_path):
