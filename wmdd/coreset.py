@@ -26,8 +26,9 @@ hardest, the smallest margin
 
 (the logits of the unaugmented image). The cells keep the barycenter's coverage of the class, one image
 per region of its feature cloud; the margin takes from each region the image nearest a decision boundary
-rather than its most typical one. With hard labels at a large IPC that is the more informative choice
-(bench/RESULTS.md, "Against random real images"); at IPC 1 the one cell is the whole class. An atom whose
+rather than its most typical one. At a large IPC that is the more informative choice; where data is
+scarce it is the wrong one (at IPC 1 the one cell is the whole class): bench/RESULTS.md, "The hardest
+image of each atom's cell". An atom whose
 cell is empty (possible when its mass is split over images that other atoms carry more of) takes its
 nearest unused image.
 """
