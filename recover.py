@@ -70,8 +70,9 @@ real images" measures them):
                           the preset's lr (0.1-0.25) leaves a real image within a few steps. The README's
                           best configuration: --init nearest --iterations 20 --lr 0.02 --crop-scale 0.5 1,
                           from barycenters made with `barycenter.py --restarts 8` (the lowest-W2 of 8 starts
-                          per class picks better real images to start from); at IPC 50 instead
-                          --init hardest --iterations 0 (hard examples help when data is abundant).
+                          per class picks better real images to start from); at IPC 50, and with hard
+                          labels from IPC 25, instead --init hardest --iterations 0 (hard examples help
+                          when data is abundant).
                           --lambda-bn trades the label regimes from such a start: the BN term pulls it toward
                           its class's statistics, which costs hard-label accuracy (digits) and gives the
                           soft-label gain (photos); 1 instead of the presets' 10 favours hard labels.

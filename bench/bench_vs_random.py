@@ -27,10 +27,11 @@ wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a r
                the nearest real images; with --barycenter-args "--restarts 8" the README's best configuration
                at IPC 1 and 10)
     hardest0   recover --init hardest --iterations 0 (the hardest image of each atom's cell, no step: the
-               `hardest` baseline's images as a synthetic.pt; the README's best configuration at IPC 50)
+               `hardest` baseline's images as a synthetic.pt; the README's best configuration at IPC 50,
+               and with hard labels from IPC 25)
 
 The tables in bench/RESULTS.md add rows NAME=FLAGS for the other iteration counts and crop scales tried
-(hbest=--init hardest --iterations 20 --lr 0.02 --crop-scale 0.5 1; near50=--init nearest --iterations 50, near50c=... --crop-scale 0.5 1, near20c, near10c; l005, l01, l02 = best,
+(hbest=--init hardest --iterations 20 --lr 0.02 --crop-scale 0.5 1; hgentle=... --lr 0.01 --lambda-bn 1; near50=--init nearest --iterations 50, near50c=... --crop-scale 0.5 1, near20c, near10c; l005, l01, l02 = best,
 l01x50: 20 or 50 iterations at --lr 0.005-0.02; lbn01, lbn1, lbn100, bnnone, ce: best with --lambda-bn 0.1,
 1 or 100, --bn none, --r-ce 1; lbn1l04, lbn1i50: lbn1 at --lr 0.04 or 50 iterations).
 
