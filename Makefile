@@ -42,14 +42,14 @@ test-all: install
 
 # The paper's reproduction tool on scikit-learn's digits (no download) with its quick preset: Table I at
 # IPC 10 (WMDD beside a random real subset, soft and hard labels), Fig. 4 and Fig. 6 (WMDD beside SRe2L),
-# ending in runs/demo/PAPER.md. The same code path as `python -m wmdd.paper` for the paper's datasets;
+# ending in runs/demo/PAPER.md. The same code path as `python -m lab.paper` for the paper's datasets;
 # --in-process runs each stage's main() on the printed flags in one interpreter (the same numbers as the
 # subprocesses, without ~4 s of start-up per stage; 1m41s-1m45s on an idle 2-core AVX-512 machine;
 # README, "Measured").
 DEMO     ?= runs/demo
 DEMO_IPC ?= 10
 demo: install
-	$(PY) -m wmdd.paper --dataset digits --out $(DEMO) --preset quick --ipc $(DEMO_IPC) --in-process
+	$(PY) -m lab.paper --dataset digits --out $(DEMO) --preset quick --ipc $(DEMO_IPC) --in-process
 
 bench: install
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

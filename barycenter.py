@@ -82,7 +82,7 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from wmdd import artifacts, cli, data, dist, models, ops
+from wmdd import artifacts, cli, data, dist, engine, models, ops
 from wmdd import ot as wot
 
 # The settings a result depends on (a shard is reused only when all of them match).
@@ -364,7 +364,7 @@ def solve_blocks(blocks: list, args, info, features, per_class, paths, upstream:
 
 
 def main(args):
-    return dist.stage_main(run, args)
+    return engine.stage_main(run, args)
 
 
 def run(args, info, world, device, t0):
@@ -378,7 +378,7 @@ def run(args, info, world, device, t0):
     if args.restarts < 1:
         cli.fail(f"--restarts {args.restarts}: the number of starts per class must be at least 1 (1: one start).")
     if world.is_main:
-        cli.print_config("barycenter", args, classes=info.num_classes, class_range=f"{first}:{last}",
+        engine.print_config("barycenter", args, classes=info.num_classes, class_range=f"{first}:{last}",
                          device_resolved=str(device), world_size=world.size, kernels=ops.describe(args.impl))
     paths = artifacts.run_paths(args.out)
     teacher_path = args.teacher or paths.teacher

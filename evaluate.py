@@ -366,7 +366,7 @@ def resolve_label_settings(args, info, syn, labels_dir, teacher_path, synthetic_
 
 
 def main(args):
-    return dist.stage_main(run, args)
+    return engine.stage_main(run, args)
 
 
 def run(args, info, world, device, t0):
@@ -409,7 +409,7 @@ def run(args, info, world, device, t0):
     plain = augment.plain_spec(info, syn.images.shape[-1])
     hard_spec = spec if args.hard_label_aug else plain
     if world.is_main:
-        cli.print_config("evaluate", args, classes=info.num_classes, image_size=info.image_size, stem=info.stem,
+        engine.print_config("evaluate", args, classes=info.num_classes, image_size=info.image_size, stem=info.stem,
                          device_resolved=str(device), augmentation=spec.as_dict(), augmentation_seed=aug_seed,
                          hard_label_augmentation=hard_spec.as_dict(), full_data_accuracy_from=full_source,
                          label_compression=f"topk={topk} rank={rank} precision={precision}", world_size=world.size,

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wmdd import artifacts, augment, cli, data, dist, models, softlabels, subsets
+from wmdd import artifacts, augment, cli, data, dist, engine, models, softlabels, subsets
 
 
 def get_args_parser():
@@ -127,7 +127,7 @@ def relabel_epochs(teacher, dataset, plan, todo, settings, labels_dir, info, dev
 
 
 def main(args):
-    return dist.stage_main(run, args)
+    return engine.stage_main(run, args)
 
 
 def run(args, info, world, device, t0):
@@ -147,7 +147,7 @@ def run(args, info, world, device, t0):
     if args.topk is not None and args.rank is not None:
         cli.fail("--topk and --rank are two ways to compress the logits: pass one of them.")
     if world.is_main:
-        cli.print_config("relabel", args, classes=info.num_classes, image_size=info.image_size,
+        engine.print_config("relabel", args, classes=info.num_classes, image_size=info.image_size,
                          crop_scale=info.crop_scale, flip=info.flip, device_resolved=str(device),
                          labels_dir=paths.labels, epochs_here=f"{epochs.start}:{epochs.stop}", world_size=world.size,
                          kernels="none used by this stage (teacher forward passes only)")

@@ -139,7 +139,7 @@ def train_teacher(args, info, device, paths, world) -> tuple:
 
 
 def main(args):
-    return dist.stage_main(run, args)
+    return engine.stage_main(run, args)
 
 
 def run(args, info, world, device, t0):
@@ -148,7 +148,7 @@ def run(args, info, world, device, t0):
     args.out = cli.default_out(args)
     cli.seed_everything(args.seed)
     if world.is_main:
-        cli.print_config("squeeze", args, classes=info.num_classes, stem=info.stem, image_size=info.image_size,
+        engine.print_config("squeeze", args, classes=info.num_classes, stem=info.stem, image_size=info.image_size,
                          device_resolved=str(device), world_size=world.size, kernels=ops.describe(args.impl))
     paths = artifacts.run_paths(args.out)
 

@@ -3,7 +3,7 @@
     python bench/bench_allocator.py              # ~3 minutes on 2 idle cores
     python bench/bench_allocator.py --steps 5    # a smoke run
 
-Every stage calls engine.tune_cpu_allocator() (wmdd.dist.stage_main): it raises glibc's mmap threshold,
+Every stage calls engine.tune_cpu_allocator() (wmdd.engine.stage_main): it raises glibc's mmap threshold,
 trim threshold and top pad so that a training step's freed activations stay in the heap instead of
 being unmapped and faulted in again at the next step. A malloc policy is per process and cannot be
 undone, so each setting runs in its own child process (WMDD_MALLOC=default for glibc's own), the two

@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import recover  # noqa: E402
-from wmdd import models  # noqa: E402
+from wmdd import augment, models  # noqa: E402
 from wmdd.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 CASES = {
@@ -185,7 +185,7 @@ def make_variant(variant: str, case_name: str, device, iterations: int, lr: floa
 def draw(case_name: str, steps: int, seed: int = 0) -> list:
     _, _, size, *_, flip, scale = CASES[case_name]
     g = torch.Generator().manual_seed(seed)
-    return [recover.draw_augmentation(g, size, scale, flip, int(round(32 * size / 224))) for _ in range(steps)]
+    return [augment.draw_shared_view(g, size, scale, flip, int(round(32 * size / 224))) for _ in range(steps)]
 
 
 def sync(device):

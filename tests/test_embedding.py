@@ -1,4 +1,4 @@
-"""The independent feature space of the report (wmdd/embedding.py): a fresh model trained on real +
+"""The independent feature space of the report (lab/embedding.py): a fresh model trained on real +
 synthetic images, one transform for every set, the diversity formula, the cache."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 import torchvision.transforms.v2 as T
 from scipy.spatial.distance import pdist
 
-from wmdd import data, embedding, models, subsets
+from lab import embedding
+from wmdd import data, models, subsets
 
 FAST = embedding.Recipe(epochs=1, batch_size=64)
 

@@ -1,4 +1,4 @@
-"""python -m wmdd.paper: every table and figure on a tiny digits configuration, PAPER.md's numbers against the
+"""python -m lab.paper: every table and figure on a tiny digits configuration, PAPER.md's numbers against the
 stages' own results.json, a rerun that does no stage work, SIGKILL + rerun, and bad input."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from test_recover_dist import kill_when
-from wmdd import cli, paper
+from lab import paper
+from wmdd import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every table and figure at IPC 1: one teacher epoch, 2 recover iterations, 1 student epoch, 1 seed
@@ -208,7 +209,7 @@ def test_nproc_runs_every_stage_under_torchrun(tmp_path):
 
 def test_the_readme_commands_parse():
     readme = open(os.path.join(REPO, "README.md")).read()
-    lines = [line.split("#")[0] for line in readme.splitlines() if line.startswith("python -m wmdd.paper ")]
+    lines = [line.split("#")[0] for line in readme.splitlines() if line.startswith("python -m lab.paper ")]
     assert len(lines) >= 4
     for line in lines:
         paper.get_args_parser().parse_args(shlex.split(line)[3:])
@@ -236,7 +237,7 @@ def test_killed_mid_row_and_rerun_ends_with_the_uninterrupted_numbers(tmp_path):
     run = str(tmp_path / "run")
     argv = TINY + ["--out", run, "--only", "table1"]
     labels = os.path.join(run, "ipc1", "wmdd", "labels")
-    kill_when("wmdd.paper", argv, lambda: os.path.isfile(os.path.join(run, "ipc1", "wmdd", "synthetic.pt")),
+    kill_when("lab.paper", argv, lambda: os.path.isfile(os.path.join(run, "ipc1", "wmdd", "synthetic.pt")),
               tmp_path / "log.txt")
     assert not os.path.isfile(os.path.join(run, "ipc1", "wmdd", "results.json"))
     for _ in range(50):  # the stage gets SIGKILL when its parent dies (PR_SET_PDEATHSIG)
@@ -244,14 +245,14 @@ def test_killed_mid_row_and_rerun_ends_with_the_uninterrupted_numbers(tmp_path):
         if not left:
             break
         time.sleep(0.1)
-    assert not left, "a stage outlived the killed wmdd.paper"
-    proc = subprocess.run([sys.executable, "-m", "wmdd.paper", *argv], cwd=REPO, capture_output=True, text=True,
+    assert not left, "a stage outlived the killed lab.paper"
+    proc = subprocess.run([sys.executable, "-m", "lab.paper", *argv], cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ipc1/wmdd: started" in proc.stdout and "teacher: done before, skipped" in proc.stdout
     assert os.path.isdir(labels)
     reference = str(tmp_path / "reference")  # uninterrupted, same command and environment (one thread)
-    proc = subprocess.run([sys.executable, "-m", "wmdd.paper", *TINY, "--out", reference, "--only", "table1"],
+    proc = subprocess.run([sys.executable, "-m", "lab.paper", *TINY, "--out", reference, "--only", "table1"],
                           cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]

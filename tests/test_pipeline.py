@@ -13,7 +13,8 @@ import evaluate
 import recover
 import relabel
 from tests.conftest import copy_run, run_stage
-from wmdd import artifacts, embedding, report
+from lab import embedding, report
+from wmdd import artifacts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = ["--dataset", "digits", "--ipc", "2"]

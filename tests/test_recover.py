@@ -12,7 +12,7 @@ import barycenter
 import recover
 import squeeze
 from conftest import copy_run, make_tiny_tree, run_stage
-from wmdd import artifacts, bnstats, cli, data, models, shards
+from wmdd import artifacts, augment, bnstats, cli, data, models, shards
 
 
 def make_barycenters(out, ipc: int, dataset: str = "digits", data_dir=None, resolution=None) -> str:
@@ -38,7 +38,7 @@ def setup(out, *flags, ipc=2):
                                                  *map(str, flags)])
     info = data.resolve(args)
     recover.resolve_args(args, info, torch.device("cpu"))
-    inputs = recover.load_inputs(args, info, torch.device("cpu"), artifacts.run_paths(args.out))
+    inputs = shards.load_inputs(args, info, torch.device("cpu"), artifacts.run_paths(args.out))
     return args, info, inputs, recover.Objective(inputs[0], args)
 
 
@@ -172,7 +172,7 @@ def test_gradients_reach_only_the_pixels(run2):
     opt = recover.BatchOptimizer(objective, x0, targets(args, info, inputs), args, info)
     gen = torch.Generator().manual_seed(0)
     for it in range(3):
-        opt.step(it, recover.draw_augmentation(gen, 16, info.crop_scale, info.flip, args.jitter))
+        opt.step(it, augment.draw_shared_view(gen, 16, info.crop_scale, info.flip, args.jitter))
     assert opt.x.grad is not None and opt.x.grad.abs().sum() > 0 and not torch.equal(opt.x.detach(), x0)
     assert not model.training
     for name, p in model.named_parameters():

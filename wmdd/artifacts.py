@@ -9,7 +9,9 @@ stage never leaves a half-written artifact and an old file survives a failed wri
 """
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 import os
 import pickle
 import platform
@@ -17,9 +19,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torchvision.utils import save_image
 
-from wmdd import data, protocol
-from wmdd.cli import args_dict, fail
+from wmdd import __version__, data, protocol
+from wmdd.cli import UserError, args_dict, fail
 
 FORMAT_VERSION = 1
 
@@ -132,7 +135,6 @@ def library_versions() -> dict:
         versions["pot"] = str(ot.__version__)
     except Exception:
         pass
-    from wmdd import __version__
     versions["wmdd"] = __version__
     return versions
 
@@ -245,3 +247,58 @@ def check_compatible(meta: dict, info, path, upstream: dict | None = None) -> No
             fail(f"{path} was made from another {os.path.basename(current)} than the one at {current} "
                  f"(sha256 {recorded[:12]}... vs {sha256_file(current)[:12]}...): the {name} changed since. "
                  f"Rerun the stage that writes {os.path.basename(str(path))} so both come from the same {name}.")
+
+
+def write_images(images: torch.Tensor, labels: torch.Tensor, info, ipc: int, root: str, encoded=None) -> None:
+    """images/<class>/<class>_<j>.png (j zero-padded so that file order is image order); with `encoded`
+    (--image-format jpeg: each image's JPEG bytes, which decode to `images`) <class>_<j>.jpg instead."""
+    width = len(str(ipc - 1))
+    index = torch.arange(labels.numel())
+    for c in labels.unique().tolist():
+        name = info.classes[c]
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        for ext in ("png", "jpg"):
+            for old in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(name)}_*.{ext}")):
+                os.remove(old)
+        for j, i in enumerate(index[labels == c].tolist()):
+            path = os.path.join(folder, f"{name}_{j:0{width}d}")
+            if encoded is not None:
+                with open(path + ".jpg", "wb") as fh:
+                    fh.write(encoded[i])
+            else:
+                save_image(images[i].float().div(255), path + ".png")
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: one rule for every stage (squeeze's checkpoint, features.pt, barycenter and recover shards,
+# relabel's epoch files, evaluate's students)
+
+
+def reuse(path, stage: str | None, matches=None, log=None):
+    """The artifact at `path` if it exists, loads (a torn or corrupt file does not) and `matches(obj)`;
+    else None, and the caller recomputes it. `.json` files (evaluate's students) are read as JSON.
+    `log(reason)` hears why a file that exists was not reused."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        if str(path).endswith(".json"):
+            with open(path) as fh:
+                obj = json.load(fh)
+        else:
+            obj = load(path, stage=stage)
+    except (UserError, OSError, ValueError) as e:
+        if log is not None:
+            log(f"not reusing {path}: {e}")
+        return None
+    return obj if matches is None or matches(obj) else None
+
+
+def shard_path(paths: RunPaths, stage: str, a: int, b: int) -> str:
+    """The shard of classes [a, b) written by `stage` (recover, barycenter): <out>/shards/<stage>_a-b.pt."""
+    return os.path.join(paths.shards, f"{stage}_{a:05d}-{b:05d}.pt")
+
+
+def shard_files(paths: RunPaths, stage: str) -> list:
+    """Every shard file of `stage` in the run directory, in class order."""
+    return sorted(glob.glob(os.path.join(glob.escape(paths.shards), f"{stage}_*-*.pt")))

@@ -296,3 +296,50 @@ class ReplayDataset(Dataset):
         return {"epoch": epoch, "batch": batch, "x": apply_batch(self.images, p, self.spec, self.mean, self.std),
                 "index": p.index, "mix_index": p.mix_index, "lam_area": p.lam_area, "digest": p.digest(),
                 "crop": p.crop, "flip": p.flip, "bbox": p.bbox}
+
+
+# ---------------------------------------------------------------------------------------------
+# recover: one crop + flip + roll shared by the whole batch, drawn from the batch's generator
+
+
+def recover_generator(seed: int, first_class: int, index, purpose: int = 0) -> torch.Generator:
+    """The CPU generator of one batch: depends only on the seed, the group's first class and j
+    (purpose 1: the choice of real images for --init real, per class)."""
+    words = [seed % 2**32, purpose, first_class, 0 if index is None else index + 1]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def draw_shared_view(gen: torch.Generator, size: int, scale, flip: bool, jitter: int,
+                      ratio=(3 / 4, 4 / 3)) -> tuple:
+    """recover's augmentation, one view for the whole batch (its images are optimised, not replayed):
+    (top, left, height, width, flip, dy, dx): RandomResizedCrop's box (10 tries of an area fraction
+    uniform in `scale` and a log-uniform aspect ratio, else the whole image), a coin flip, a roll."""
+    u = torch.rand(30, generator=gen).tolist()
+    box = (0, 0, size, size)
+    area = size * size
+    for t in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[3 * t])
+        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[3 * t + 1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= size and 0 < h <= size:
+            top = min(int(u[3 * t + 2] * (size - h + 1)), size - h)
+            left = int(torch.randint(0, size - w + 1, (1,), generator=gen))
+            box = (top, left, h, w)
+            break
+    rest = torch.randint(0, 2**30, (3,), generator=gen).tolist()
+    do_flip = flip and rest[0] % 2 == 1
+    dy, dx = rest[1] % (jitter + 1), rest[2] % (jitter + 1)
+    return box + (do_flip, dy, dx)
+
+
+def shared_view(x: torch.Tensor, params: tuple, size: int) -> torch.Tensor:
+    top, left, h, w, do_flip, dy, dx = params
+    x = x[..., top:top + h, left:left + w]
+    if (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if do_flip:
+        x = x.flip(-1)
+    if dy or dx:
+        x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    return x

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from wmdd import subsets
+from wmdd import coreset, subsets
 from wmdd.cli import fail
 
 
@@ -51,7 +51,6 @@ BASELINES = {
 
 
 def _coreset(info, args, ipc: int, pick: str = "nearest"):
-    from wmdd import coreset  # needs POT / scipy only when asked for
 
     return coreset.baseline_subset(info, args, ipc, pick)
 

@@ -165,3 +165,22 @@ def bn_match_loss(mean, var, target_mean, target_var):
     (mean, var, targets [G, C]). With G = 1 and the global statistics this is SRe2L's R_BN term."""
     return (torch.linalg.vector_norm(mean - target_mean, dim=1).mean()
             + torch.linalg.vector_norm(var - target_var, dim=1).mean())
+
+
+def chunk_slices(n: int, batch_size: int) -> list:
+    return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def rest_of(parts: list, k: int) -> dict:
+    """Everything but chunk k's contribution, merged (float64)."""
+    others = [p for i, p in enumerate(parts) if i != k]
+    rest = {"feature_sq": sum(p["feature_sq"] for p in others), "ce_sum": sum(p["ce_sum"] for p in others),
+            "moments": []}
+    for l in range(len(parts[k]["moments"])):
+        n, mean, var = others[0]["moments"][l]
+        for p in others[1:]:
+            n2, mean2, var2 = p["moments"][l]
+            mean, var = merge_moments(float(n), mean, var, float(n2), mean2, var2)
+            n = n + n2
+        rest["moments"].append((n, mean, var))
+    return rest

@@ -73,20 +73,6 @@ def default_out(args) -> str:
     return args.out or os.path.join("runs", args.dataset, "default")
 
 
-def print_config(stage: str, args, **extra) -> None:
-    """One block at start: the resolved configuration, then anything stage-specific (e.g. kernel impl)."""
-    config = {k: v for k, v in sorted(vars(args).items())}
-    config.update(extra)
-    print(f"[{stage}] configuration:")
-    for k, v in config.items():
-        print(f"  {k:>18} = {v}")
-    from wmdd import engine, protocol
-    print(f"[{stage}] CPU allocator: {engine.tune_cpu_allocator()}")
-    for line in protocol.block(stage, args):
-        print(f"[{stage}] {line}" if not line.startswith(" ") else line)
-    sys.stdout.flush()
-
-
 def args_dict(args) -> dict:
     """argparse Namespace -> plain JSON-safe dict (stored in artifact meta)."""
     return json.loads(json.dumps(vars(args), default=str))

@@ -34,12 +34,13 @@ nearest unused image.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from wmdd import artifacts, data, models, subsets
-from wmdd.shards import batch_generator
+from wmdd import artifacts, augment, data, models, subsets
 from wmdd.cli import fail
 
 
@@ -162,7 +163,6 @@ def baseline_subset(info, args, ipc: int, pick: str = "nearest") -> subsets.Imag
     features.pt and barycenters.pt) and `--baseline hardest` (the hardest image of each atom's cell).
     Refused when the synthetic set under evaluation was made from other barycenters (its meta records
     their sha256): the two rows would then answer different questions."""
-    import os
 
     name = {"nearest": "coreset", "hardest": "hardest"}[pick]
     paths = artifacts.run_paths(args.out)
@@ -213,8 +213,18 @@ class RealImages:
             fail(f"class {self.info.classes[c]} has {len(idx)} training images, fewer than --ipc {self.ipc}, "
                      "so --init real cannot start every image from a different real one. Use --init noise "
                      "or a smaller --ipc.")
-        g = batch_generator(self.seed, c, None, purpose=1)
+        g = augment.recover_generator(self.seed, c, None, purpose=1)
         pick = torch.randperm(len(idx), generator=g)[:self.ipc].tolist()
         if index is not None:
             return self.ds[idx[pick[index]]][0]
         return torch.stack([self.ds[idx[i]][0] for i in pick])
+
+
+def starting_images(info, args, paths):
+    """recover's real starting images for --init real / nearest / hardest (None for --init noise)."""
+    if args.init == "real":
+        return RealImages(info, args)
+    if args.init in PICKS:
+        return RealImages(info, args, load_assignment(info, paths.features, args.barycenters or paths.barycenters,
+                                                      args.teacher or paths.teacher, args.init))
+    return None

@@ -7,15 +7,13 @@ A plain `python <stage>.py` is a world of one, and every helper here is then a n
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
 
-from wmdd import data, engine, protocol
-from wmdd.cli import fail, resolve_device
+from wmdd.cli import UserError, fail
 
 # Ranks may finish their shares hours apart (recover on ImageNet): the default 10-30 min timeout is too short.
 WAIT_TIMEOUT = timedelta(days=2)
@@ -53,20 +51,6 @@ def setup(device: torch.device) -> tuple:
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world, device
-
-
-def stage_main(run, args):
-    """A stage's main(): resolve the dataset preset, join torchrun's process group (if any), call
-    run(args, info, world, device, t0), and leave the group however run ends."""
-    t0 = time.time()
-    engine.tune_cpu_allocator()
-    protocol.resolve(args)
-    info = data.resolve(args)
-    world, device = setup(resolve_device(args.device))
-    try:
-        return run(args, info, world, device, t0)
-    finally:
-        teardown(world)
 
 
 def all_reduce_sum_(tensor: torch.Tensor, world: World) -> torch.Tensor:
@@ -111,6 +95,19 @@ def settle(error, world: World, group) -> None:
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if failed:
         fail(f"rank {failed[0][0]} of {world.size} stopped: {failed[0][1]}")
+
+
+def on_main(fn, world: World, group):
+    """fn() on rank 0 only (e.g. merging the shards every rank wrote); every rank then stops with its
+    error if it failed, or gets its result."""
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    settle(error, world, group)
+    return gather_objects(result, world, group)[0]
 
 
 def teardown(world: World) -> None:

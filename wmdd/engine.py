@@ -1,8 +1,47 @@
-"""Training-loop pieces that squeeze and evaluate share: validation accuracy and the loader seed."""
+"""What runs around every stage's algorithm: its main() (preset, torchrun, allocator), the printed
+configuration, and the training-loop pieces squeeze and evaluate share (validation, the epoch seed)."""
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import time
 
 import torch
 from tqdm import tqdm
+
+from wmdd import data, dist, protocol
+from wmdd.cli import resolve_device
+
+
+def stage_main(run, args):
+    """A stage's main(): resolve the dataset preset, join torchrun's process group (if any), call
+    run(args, info, world, device, t0), and leave the group however run ends."""
+    t0 = time.time()
+    tune_cpu_allocator()
+    protocol.resolve(args)
+    info = data.resolve(args)
+    world, device = dist.setup(resolve_device(args.device))
+    try:
+        return run(args, info, world, device, t0)
+    finally:
+        dist.teardown(world)
+
+
+def print_config(stage: str, args, **extra) -> None:
+    """One block at start: the resolved configuration, then anything stage-specific (e.g. kernel impl)."""
+    config = {k: v for k, v in sorted(vars(args).items())}
+    config.update(extra)
+    print(f"[{stage}] configuration:")
+    for k, v in config.items():
+        print(f"  {k:>18} = {v}")
+    print(f"[{stage}] CPU allocator: {tune_cpu_allocator()}")
+    for line in protocol.block(stage, args):
+        print(f"[{stage}] {line}" if not line.startswith(" ") else line)
+    sys.stdout.flush()
+
+
 
 
 @torch.no_grad()
@@ -19,7 +58,6 @@ def validate(model, loader, device, progress: bool = True, desc: str = "validate
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         total += y.numel()
     if world is not None and world.enabled:
-        from wmdd import dist
         counts = dist.all_reduce_sum_(torch.tensor([correct1, correct5, total], dtype=torch.float64, device=device), world)
         correct1, correct5, total = (int(v) for v in counts.tolist())
     return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1)}
@@ -66,10 +104,6 @@ def tune_cpu_allocator() -> str:
     global _allocator_note
     if _allocator_note is not None:
         return _allocator_note
-    import ctypes
-    import ctypes.util
-    import os
-
     chosen = [k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_")]
     preload = os.environ.get("LD_PRELOAD", "")
     tunables = os.environ.get("GLIBC_TUNABLES", "")

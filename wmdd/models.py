@@ -33,6 +33,9 @@ import torch
 import torchvision
 from torch import nn
 
+from wmdd import artifacts
+from wmdd.cli import fail
+
 ARCHES = ("resnet18", "resnet50", "resnet101", "convnet", "vit_tiny")
 STEMS = ("imagenet", "tiny224", "small")
 
@@ -183,8 +186,6 @@ def load_teacher(path, info, device="cpu", arch: str | None = None):
 
     A plain torchvision-format state_dict (no `meta`) is accepted too: the architecture is then `arch`
     (or the preset's) with the preset's stem, and the returned artifact has `meta` None."""
-    from wmdd import artifacts
-    from wmdd.cli import fail
 
     artifact = artifacts.load(path, allow_plain=True)
     if "meta" in artifact and "model" in artifact:

@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import io
+
+import numpy as np
 import torch
+from PIL import Image
+
+from wmdd.cli import fail
 
 PROTOCOLS = ("wmdd", "released")
 
@@ -70,7 +76,6 @@ def resolve(args) -> None:
     args.protocol_flags lists the choices set by their own flag."""
     protocol = getattr(args, "protocol", None) or "wmdd"
     if protocol not in PROTOCOLS:
-        from wmdd.cli import fail
         fail(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}.")
     args.protocol = protocol
     flags = []
@@ -126,7 +131,6 @@ def check(meta: dict, path, protocol: str) -> None:
     """Refuse an artifact whose recorded choices (those that change what it holds) differ from what
     `protocol` sets, unless the artifact's run chose the value by its own flag. Artifacts from before
     this record existed were made with this project's values."""
-    from wmdd.cli import fail
 
     rec = meta.get("protocol") or {"name": "wmdd", "choices": {}, "flags": []}
     made = rec.get("name", "wmdd")
@@ -163,10 +167,6 @@ def quantise(pixels01: torch.Tensor, rounding: str) -> torch.Tensor:
 def jpeg_round_trip(images: torch.Tensor, quality: int) -> tuple:
     """uint8 [N, 3, H, W] -> (the pixels PIL decodes from each image's JPEG at `quality`, the JPEG bytes):
     what the released relabel / training read back from recover's .jpg files."""
-    import io
-
-    import numpy as np
-    from PIL import Image
 
     decoded, encoded = [], []
     for img in images:
@@ -176,6 +176,28 @@ def jpeg_round_trip(images: torch.Tensor, quality: int) -> tuple:
         with Image.open(io.BytesIO(encoded[-1])) as im:
             decoded.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
     return torch.stack(decoded).contiguous(), encoded
+
+
+def add_image_args(p) -> None:
+    """The flags of how recover stores its images (--protocol wmdd: png, round; released: jpeg, floor)."""
+    g = p.add_argument_group("stored images (--protocol wmdd: png, round; released: jpeg, floor)")
+    g.add_argument("--image-format", default=None, choices=["png", "jpeg"],
+                   help="png: the pixels as optimised (lossless); jpeg: each image JPEG-encoded by PIL at "
+                        "--jpeg-quality and decoded, before synthetic.pt is written (relabel, evaluate and "
+                        "the images/ tree, .jpg files, all read the decoded pixels)")
+    g.add_argument("--jpeg-quality", type=int, default=75, help="--image-format jpeg: PIL quality (75: PIL's "
+                   "default, which the released save used)")
+    g.add_argument("--pixel-rounding", default=None, choices=["round", "floor"],
+                   help="[0, 1] -> uint8: round to nearest, or floor (the released astype(np.uint8))")
+
+
+def store_images(pixels01: torch.Tensor, args) -> tuple:
+    """(uint8 images, JPEG bytes or None): the images as --pixel-rounding and --image-format store them
+    (jpeg: the decoded pixels, which the released relabel / training read back from the .jpg files)."""
+    images = quantise(pixels01, args.pixel_rounding)
+    if args.image_format == "jpeg":
+        return jpeg_round_trip(images, args.jpeg_quality)
+    return images, None
 
 
 def kd_image_weights(weights: torch.Tensor, index: torch.Tensor, mix_index: torch.Tensor, lam: float,

@@ -1,4 +1,5 @@
-"""recover.py's class grid, shards and resume (DESIGN §1 step 3; recover.py's manual, "Sharding" and "Resume").
+"""recover.py's plumbing: its checked inputs, the class grid, shards, resume and the merge into synthetic.pt
+(docs/recover.md, "Sharding" and "Resume").
 
 Classes are grouped on a grid fixed by the batch size (group g = classes [g*k, (g+1)*k), k = classes per
 batch); every random draw of a batch comes from a generator seeded by (--seed, the group's first class,
@@ -10,15 +11,12 @@ every class are merged into synthetic.pt. Each shard also keeps its group's wall
 """
 from __future__ import annotations
 
-import glob
-import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from wmdd import artifacts, cli, ops
+from wmdd import artifacts, cli, coreset, dist, models, ops
 
 def parse_classes(spec, num_classes: int) -> tuple:
     """'a:b' (half-open, either side may be empty) or 'a' -> (a, b) within [0, num_classes]."""
@@ -50,10 +48,6 @@ class Group:
     stop: int
     batches: list = field(default_factory=list)
 
-    @property
-    def name(self) -> str:
-        return f"recover_{self.start:05d}-{self.stop:05d}"
-
 
 def classes_per_group(layout: str, ipc: int, batch_size: int) -> int:
     return max(1, batch_size // ipc) if layout == "class-major" else batch_size
@@ -73,14 +67,6 @@ def plan_groups(lo: int, hi: int, num_classes: int, ipc: int, batch_size: int, l
 def shard_groups(groups: list, rank: int, world: int) -> list:
     """The groups rank `rank` of `world` recovers (round robin; every group once over all ranks)."""
     return groups[rank::world]
-
-
-def batch_generator(seed: int, first_class: int, index, purpose: int = 0) -> torch.Generator:
-    """The CPU generator of one batch: depends only on the seed, the group's first class and j
-    (purpose 1: the choice of real images for --init real, per class)."""
-    words = [seed % 2**32, purpose, first_class, 0 if index is None else index + 1]
-    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,22 +111,47 @@ def merge_timings(timings: list):
 
 
 def shard_path(paths, group: Group) -> str:
-    return os.path.join(paths.shards, group.name + ".pt")
+    return artifacts.shard_path(paths, "recover", group.start, group.stop)
 
 
 def current_shard(path, recipe: dict, upstream_sha: dict, info):
     """The shard at path if it was made by this recipe from these upstream files, else None."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        shard = artifacts.load(path, stage="recover-shard")
-    except cli.UserError:
-        return None
-    meta = shard["meta"]
-    if shard.get("recipe") != recipe or meta.get("upstream") != upstream_sha \
-            or list(meta.get("classes", [])) != list(info.classes) or meta.get("resolution") != info.resolution:
-        return None
-    return shard
+    def matches(shard):
+        meta = shard["meta"]
+        return (shard.get("recipe") == recipe and meta.get("upstream") == upstream_sha
+                and list(meta.get("classes", [])) == list(info.classes) and meta.get("resolution") == info.resolution)
+    return artifacts.reuse(path, "recover-shard", matches)
+
+
+def pending_groups(lo: int, hi: int, args, info, paths, recipe: dict, upstream_sha: dict, world, group) -> tuple:
+    """(the groups of classes [lo, hi) without a current shard, this rank's share of them)."""
+    groups = plan_groups(lo, hi, info.num_classes, args.ipc, args.batch_size, args.layout)
+    todo = [g for g in groups if current_shard(shard_path(paths, g), recipe, upstream_sha, info) is None]
+    if len(todo) < len(groups):
+        world.print(f"[recover] resuming: {len(groups) - len(todo)} of {len(groups)} groups already in {paths.shards}")
+    dist.gather_objects(None, world, group)  # every rank has listed the finished groups before any writes one
+    return todo, shard_groups(todo, world.rank, world.size)
+
+
+def write_shard(paths, group: Group, shard: dict, timing: dict, args, info, upstream: dict, recipe: dict) -> None:
+    """A finished group: its PNGs first (a shard on disk means its PNGs are complete), then its shard."""
+    encoded = shard.pop("encoded")
+    shard["timing"] = timing
+    if not args.no_png:
+        artifacts.write_images(shard["images"], shard["labels"], info, args.ipc, paths.images, encoded)
+    artifacts.save(shard_path(paths, group), dict(shard, recipe=recipe),
+                   artifacts.make_meta("recover-shard", args, info, upstream=upstream, recipe=recipe))
+
+
+def check_finite(values: torch.Tensor, first: int, terms: tuple, iterations: int, where: str) -> None:
+    """Stop with exit code 2 at the first non-finite loss of `values` [steps, terms] (steps first, first+1, ...)."""
+    bad = (~torch.isfinite(values)).any(dim=1).nonzero()
+    if len(bad):
+        shown = ", ".join(f"{t} {float(v):.4g}" for t, v in zip(terms, values[int(bad[0])]))
+        cli.fail(f"the recover loss became non-finite ({shown}) at iteration {first + int(bad[0]) + 1} of "
+                 f"{iterations} for {where}. Lower --lr or --lambda-bn (or check the teacher and "
+                 "bn_stats.pt). Shards already written are kept: rerunning the same command resumes "
+                 "from them.")
 
 
 def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float, require_all: bool = False,
@@ -149,7 +160,7 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float, req
     require_all: a run over all classes has just finished every group, so a gap is an error."""
     upstream_sha = {k: artifacts.sha256_file(p) for k, p in upstream.items()}
     shards = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(paths.shards), "recover_*.pt"))):
+    for path in artifacts.shard_files(paths, "recover"):
         shard = current_shard(path, recipe, upstream_sha, info)
         if shard is not None:
             shards.append(shard)
@@ -180,3 +191,62 @@ def merge_shards(paths, info, args, recipe: dict, upstream: dict, t0: float, req
     print(f"[recover] wrote {paths.synthetic}: {payload['images'].shape[0]} images "
           f"({info.num_classes} classes x {args.ipc}) and {paths.images}/")
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_inputs(args, info, device, paths):
+    """Teacher, BN targets and barycenters, checked against this run and against each other.
+    Returns (model, upstream {name: path}, bn {"mean", "var"} lists of [K, C] or None, points, weights)."""
+    teacher_path = args.teacher or paths.teacher
+    model, _ = models.load_teacher(teacher_path, info, device)
+    upstream = {"teacher": teacher_path}
+    layers = models.bn_layers(model)
+    if args.bn != "none" and not layers:
+        cli.fail(f"the teacher in {teacher_path} has no BatchNorm layer, so there are no statistics to match. "
+                 "Use a BN teacher (resnet18 / convnet) or pass --bn none.")
+    bn = None
+    if args.bn == "per-class" or (args.bn == "global" and args.global_stats == "data"):
+        path = args.bn_stats or paths.bn_stats
+        stats = artifacts.load(path, stage="squeeze-stats")
+        artifacts.check_compatible(stats["meta"], info, path, upstream={"teacher": teacher_path})
+        names = [n for n, _ in layers]
+        if list(stats["layers"]) != names:
+            cli.fail(f"{path} holds statistics of {len(stats['layers'])} BN layers that are not this teacher's "
+                     f"{len(names)} ({teacher_path}). Rerun `squeeze.py --stats-only` for this teacher.")
+        key_m, key_v = ("mean", "var") if args.bn == "per-class" else ("global_mean", "global_var")
+        bn = {"mean": [t.to(device, torch.float32) for t in stats[key_m]],
+              "var": [t.to(device, torch.float32) for t in stats[key_v]]}
+        upstream["bn_stats"] = path
+    elif args.bn == "global":  # the teacher's running statistics, as SRe2L and the released WMDD code
+        bn = {"mean": [m.running_mean.detach().float().clone() for _, m in layers],
+              "var": [m.running_var.detach().float().clone() for _, m in layers]}
+    if bn is not None and args.bn == "global":
+        bn = {k: [t.view(1, -1) for t in v] for k, v in bn.items()}
+    points = weights = None
+    if args.feature == "barycenter":
+        path = args.barycenters or paths.barycenters
+        bary = artifacts.load(path, stage="barycenter")
+        artifacts.check_compatible(bary["meta"], info, path, upstream={"teacher": teacher_path})
+        points, weights = bary["points"].float(), bary["weights"].float()
+        if points.ndim != 3 or points.shape[0] != info.num_classes or points.shape[1] != args.ipc:
+            cli.fail(f"{path} holds barycenters of shape {tuple(points.shape)}; this run needs "
+                     f"[{info.num_classes} classes, {args.ipc} atoms (= --ipc), d]. Rerun barycenter.py with "
+                     f"--ipc {args.ipc} (or pass the --ipc it was made with).")
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, info.image_size, info.image_size, device=device)
+            d = models.penultimate(model, probe).shape[1]
+        if points.shape[2] != d:
+            cli.fail(f"{path} holds {points.shape[2]}-d atoms, but this teacher's penultimate feature is {d}-d. "
+                     "Rerun barycenter.py with this teacher.")
+        points = points.to(device)
+        upstream["barycenters"] = path
+    if weights is None:
+        weights = torch.full((info.num_classes, args.ipc), 1.0 / args.ipc)
+    if args.init in coreset.PICKS:  # the starting images depend on both files: part of every shard's key
+        upstream = {**upstream, "features": paths.features, "barycenters": args.barycenters or paths.barycenters}
+    if args.channels_last == "on":
+        model.to(memory_format=torch.channels_last)
+    return model, upstream, bn, points, weights.float()

@@ -29,9 +29,15 @@ code never sees the compression.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import torch
+import torch.nn.functional as F
+
+from wmdd import artifacts
+from wmdd.cli import fail
 
 PRECISIONS = ("fp16", "int8")
 
@@ -114,7 +120,6 @@ def decode(entry: dict, num_classes: int) -> torch.Tensor:
 def fidelity(logits: torch.Tensor, entry: dict, num_classes: int) -> dict:
     """How close the stored labels are to the exact logits: the share of images whose top class is kept,
     the mean KL(exact || stored) at T = 20, and the relative L2 error of the per-image-centred logits."""
-    import torch.nn.functional as F
     exact = logits.detach().float().cpu()
     stored = decode(entry, num_classes)
     log_p, log_q = F.log_softmax(exact / 20, dim=1), F.log_softmax(stored / 20, dim=1)
@@ -180,22 +185,17 @@ def settings_key(settings: dict) -> str:
     """Short fingerprint of the settings an epoch file was made with (stored in every epoch file). The
     total number of epochs is left out: epoch e's labels depend on (seed, e, batch) only, so a run
     extended from 60 to 100 epochs keeps its first 60 files."""
-    import hashlib
-    import json
     key = {k: v for k, v in settings.items() if k != "epochs"}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_manifest(labels_dir: str, settings: dict, labels: torch.Tensor, weights: torch.Tensor, meta: dict) -> str:
-    from wmdd import artifacts
     meta = dict(meta, settings=settings, settings_key=settings_key(settings))
     return artifacts.save(manifest_path(labels_dir), {"settings": settings, "labels": labels.cpu(),
                                                       "weights": weights.cpu()}, meta)
 
 
 def read_manifest(labels_dir: str) -> dict:
-    from wmdd import artifacts
-    from wmdd.cli import fail
     path = manifest_path(labels_dir)
     if not os.path.isfile(path):
         fail(f"{path} does not exist: no stored soft labels in {labels_dir}. Run relabel.py with the same "
@@ -206,7 +206,6 @@ def read_manifest(labels_dir: str) -> dict:
 def write_epoch(labels_dir: str, epoch: int, entry: dict, digests: torch.Tensor, settings: dict, dataset: str) -> str:
     """One epoch's compressed logits. Its meta is lean (the manifest holds the full meta): format
     version, stage, dataset, epoch and the settings fingerprint."""
-    from wmdd import artifacts
     meta = {"format_version": artifacts.FORMAT_VERSION, "stage": "relabel-epoch", "dataset": dataset,
             "epoch": int(epoch), "settings_key": settings_key(settings)}
     return artifacts.save(epoch_path(labels_dir, epoch), {"entry": entry, "digests": digests}, meta)
@@ -226,8 +225,6 @@ def epoch_is_current(labels_dir: str, epoch: int, settings: dict) -> bool:
 
 
 def read_epoch(labels_dir: str, epoch: int, settings: dict) -> dict:
-    from wmdd import artifacts
-    from wmdd.cli import fail
     path = epoch_path(labels_dir, epoch)
     if not os.path.isfile(path):
         fail(f"{path} does not exist: the stored labels stop before epoch {epoch + 1} of "

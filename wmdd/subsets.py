@@ -11,6 +11,8 @@ not normalised, class-major), int64 labels [N], float32 barycenter weights [N] (
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +80,6 @@ def load_synthetic(path, info, ipc: int | None = None, teacher_path=None) -> Ima
 
 
 def _exists(path) -> bool:
-    import os
     return os.path.isfile(path)
 
 

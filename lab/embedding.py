@@ -9,7 +9,7 @@ synthetic data and runs t-SNE on that model's last-layer (penultimate) features.
    input size S, then `x / 255`, normalised with the preset's mean / std (`features`). Real images
    become uint8 exactly as the random real baseline does (wmdd/subsets.py: the eval transform, then
    quantised), so a real image, an image of the random real subset and a synthetic image that happen
-   to be equal get equal features. The teacher-space picture of wmdd/report.py uses the same path.
+   to be equal get equal features. The teacher-space picture of lab/report.py uses the same path.
 2. **The embedding model** (`train_embedding_model`): the preset's architecture (the students'; not
    the teacher's weights: a fresh, seeded initialisation), trained with hard labels and cross-entropy
    on the real training images plus every synthetic set of the comparison (one model for all sets, so
@@ -24,7 +24,7 @@ synthetic data and runs t-SNE on that model's last-layer (penultimate) features.
 4. **Diversity** (`diversity`): within-class mean pairwise L2 distance of the features, averaged over
    classes, for all real images, the random real subset and every synthetic set (`mean_pairwise_distance`).
 
-`figure4(run, compare)` does all of it for run directories (what `python -m wmdd.report` and the paper
+`figure4(run, compare)` does all of it for run directories (what `python -m lab.report` and the paper
 harness call); the pieces take plain `ImageSet`s for other uses.
 """
 from __future__ import annotations

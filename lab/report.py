@@ -1,13 +1,13 @@
 """Pictures and numbers that show what a run's synthetic set is, for any run directory:
 
-    python -m wmdd.report runs/<dataset>/<name> [--compare SRe2L=runs/<dataset>/sre2l ...] [--write REPORT.md]
+    python -m lab.report runs/<dataset>/<name> [--compare SRe2L=runs/<dataset>/sre2l ...] [--write REPORT.md]
 
 writes into the run directory
 - `images.png`: per class (one row each), the synthetic images, a gap, then as many random real images of
   the class (evaluate's random real baseline, seed 0);
 - `tsne_independent.png`: the paper's Fig. 4 as the paper made it: t-SNE (scikit-learn) of the penultimate
   features of a fresh model (the preset's architecture, not the teacher) trained with hard labels on the
-  real training images + every synthetic set of the report; one panel per synthetic set (wmdd/embedding.py;
+  real training images + every synthetic set of the report; one panel per synthetic set (lab/embedding.py;
   the model is cached in `embedding_model.pt` with a fingerprint, so a rerun does not train it again);
 - `tsne.png`: the same picture in the teacher's feature space, the space the barycenter loss optimises;
 - `recover_loss.png`: the recover loss terms over iterations (mean over the recover batches);
@@ -33,7 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from wmdd import artifacts, embedding, models, subsets  # noqa: E402
+from lab import embedding  # noqa: E402
+from wmdd import artifacts, cli, models, subsets  # noqa: E402
 
 
 def save_image_grid(rows: list, path: str, min_tile: int = 48) -> str:
@@ -76,7 +77,7 @@ def build(run: str, compare: dict | None = None, per_class: int | None = None, s
     """Write images.png, the two t-SNE pictures, recover_loss.png and the two diversity JSON files into
     `run`. Returns their paths, both spaces' diversity numbers and the captions. `compare` adds other run
     directories (name -> dir with synthetic.pt made with the same dataset) to the t-SNE and diversity;
-    `recipe` is the embedding model's (wmdd/embedding.py)."""
+    `recipe` is the embedding model's (lab/embedding.py)."""
     paths = artifacts.run_paths(run)
     info, args, sets = embedding.load_sets(run, compare)
     teacher, teacher_artifact = models.load_teacher(paths.teacher, info)
@@ -213,7 +214,7 @@ def write_report(path: str, runs: dict, pictures: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser("python -m wmdd.report", description=__doc__,
+    p = argparse.ArgumentParser("python -m lab.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory with teacher.pt and synthetic.pt")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN_DIR",
@@ -222,7 +223,7 @@ def main(argv=None):
     p.add_argument("--real-per-class", type=int, default=None,
                    help="images per class of the random real subset (images.png, diversity; default: IPC)")
     a = p.parse_args(argv)
-    from wmdd import cli
+
 
     compare = dict(item.split("=", 1) for item in a.compare)
     try:

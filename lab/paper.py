@@ -1,9 +1,9 @@
 """Reproduce the paper's tables and figures with one command per dataset, the paper's numbers beside ours.
 
-    python -m wmdd.paper --dataset digits --out runs/digits/paper --ipc 1,10
-    python -m wmdd.paper --dataset imagenette --data-dir /data/imagenette2 --out runs/imagenette/paper
-    python -m wmdd.paper --dataset tiny --data-dir /data/tiny-imagenet-200 --out runs/tiny/paper --nproc 8
-    python -m wmdd.paper --dataset digits --out runs/demo --preset quick          # what `make demo` runs
+    python -m lab.paper --dataset digits --out runs/digits/paper --ipc 1,10
+    python -m lab.paper --dataset imagenette --data-dir /data/imagenette2 --out runs/imagenette/paper
+    python -m lab.paper --dataset tiny --data-dir /data/tiny-imagenet-200 --out runs/tiny/paper --nproc 8
+    python -m lab.paper --dataset digits --out runs/demo --preset quick          # what `make demo` runs
 
 It runs the five stage scripts as subprocesses, each command printed (`$ python recover.py ...`) before it
 runs, so that any number can be remade by hand, and writes `PAPER.md` into --out: every requested table
@@ -63,7 +63,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from wmdd import artifacts, cli, data
+from wmdd import artifacts, cli, data, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITEMS = ("table1", "table2", "table3", "fig2", "fig4", "fig6", "table4")
@@ -103,7 +103,7 @@ QUICK = dict(ipc="10", only="table1,fig4,fig6", seeds=2, lambda_sweep="1,100", s
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("python -m wmdd.paper", description=__doc__,
+    p = argparse.ArgumentParser("python -m lab.paper", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="dataset preset (digits, imagenette, tiny, imagenet, ...)")
     p.add_argument("--data-dir", default=None, help="dataset root (not needed for digits)")
@@ -175,7 +175,7 @@ def resolve_args(args) -> None:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             cli.fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
     args.lambda_sweep = parse_list(args.lambda_sweep or DEFAULT_SWEEP, "--lambda-sweep", float)
-    import wmdd.models as models
+
     args.students = parse_list(args.students or STUDENTS.get(args.dataset, DEFAULT_STUDENTS), "--students", str,
                                models.ARCHES)
     info = data.resolve(argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir,
@@ -485,7 +485,7 @@ def run_in_process(step: Step) -> None:
     try:
         module.main(module.get_args_parser().parse_args(step.flags))
     except cli.UserError as e:
-        cli.fail(f"{e}\n(stage: {step.key}; rerun the same `python -m wmdd.paper` command once fixed: finished "
+        cli.fail(f"{e}\n(stage: {step.key}; rerun the same `python -m lab.paper` command once fixed: finished "
                  "stages are kept)")
 
 
@@ -523,7 +523,7 @@ def run_rows(rows: list, ledger: Ledger, machine: str, in_process: bool = False)
                 rc = subprocess.call(step.argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
                 if rc != 0:
                     cli.fail(f"this stage stopped with exit code {rc}:\n  {step.key}\nIts message is above. Fix the "
-                             "cause and rerun the same `python -m wmdd.paper` command: finished stages are kept "
+                             "cause and rerun the same `python -m lab.paper` command: finished stages are kept "
                              f"({ledger.path}) and the stage resumes where it stopped.")
             missing = [p for p in step.outputs if fingerprint(p) is None]
             if missing:
@@ -586,16 +586,16 @@ def figure_steps(args, cmd: Commands, plan: Plan) -> list:
     if "fig2" in only:
         results = [os.path.join(cmd.row_dir(k, row), "results.json") for _, row in plan.sweep]
         out = os.path.join(args.out, "fig2_lambda_bn.png")
-        steps.append(Step("figure", "Fig. 2 (wmdd.paper, in this process)", [], results, [out],
+        steps.append(Step("figure", "Fig. 2 (lab.paper, in this process)", [], results, [out],
                           lambda out=out: draw_fig2(args, cmd, plan, out)))
     if "fig4" in only:
         out = os.path.join(args.out, "fig4_tsne.png")
-        steps.append(Step("figure", "Fig. 4 (wmdd.paper, in this process)", [], [cmd.teacher, cmd.features, *syn.values()],
+        steps.append(Step("figure", "Fig. 4 (lab.paper, in this process)", [], [cmd.teacher, cmd.features, *syn.values()],
                           [out, os.path.join(args.out, "fig4_diversity.json")],
                           lambda out=out: draw_fig4(args, cmd, syn, out)))
     if "fig6" in only:
         out = os.path.join(args.out, "fig6_images.png")
-        steps.append(Step("figure", "Fig. 6 (wmdd.paper, in this process)", [], list(syn.values()), [out],
+        steps.append(Step("figure", "Fig. 6 (lab.paper, in this process)", [], list(syn.values()), [out],
                           lambda out=out: draw_fig6(args, syn, out)))
     return steps
 
@@ -625,9 +625,9 @@ def draw_fig2(args, cmd: Commands, plan: Plan, path: str) -> None:
 
 
 def draw_fig4(args, cmd: Commands, syn: dict, path: str) -> None:
-    """The paper's Fig. 4 protocol (wmdd/embedding.py): a fresh model trained on real + both synthetic sets
+    """The paper's Fig. 4 protocol (lab/embedding.py): a fresh model trained on real + both synthetic sets
     (cached in the WMDD row as embedding_model.pt), t-SNE of its features, and diversity in that space."""
-    from wmdd import embedding
+    from lab import embedding
 
     out = embedding.figure4(os.path.dirname(syn["wmdd"]), {"SRe2L": os.path.dirname(syn["sre2l"])},
                             out_dir=args.out)
@@ -638,7 +638,7 @@ def draw_fig4(args, cmd: Commands, syn: dict, path: str) -> None:
 
 def draw_fig6(args, syn: dict, path: str) -> None:
     """One row per class (the first --fig-classes): WMDD's images | SRe2L's | as many real ones."""
-    from wmdd import embedding, report
+    from lab import embedding, report
 
     info = args.info
     wmdd, sre2l = (artifacts.load(syn[n], stage="recover") for n in ("wmdd", "sre2l"))
@@ -784,7 +784,7 @@ def write_commands(args, rows: list, invocation: str) -> str:
 
 def canonical_invocation(args) -> str:
     """The command line of these (resolved) settings, for PAPER.md when not run from a shell."""
-    argv = ["python", "-m", "wmdd.paper", "--dataset", args.dataset]
+    argv = ["python", "-m", "lab.paper", "--dataset", args.dataset]
     argv += ["--data-dir", args.data_dir] if args.data_dir else []
     argv += ["--out", args.out, "--ipc", ",".join(map(str, args.ipc)), "--only", ",".join(args.only),
              "--seeds", str(args.seeds)]
@@ -822,5 +822,5 @@ def main(args):
 
 if __name__ == "__main__":
     parser = get_args_parser()
-    parser.set_defaults(invocation=shlex.join(["python", "-m", "wmdd.paper", *sys.argv[1:]]))
+    parser.set_defaults(invocation=shlex.join(["python", "-m", "lab.paper", *sys.argv[1:]]))
     cli.run(main, parser)
