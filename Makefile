@@ -29,7 +29,7 @@ test: install
 # its metrics, Fig. 4's embedding model and the paper harness run the same code either way and are not
 # repeated (their fixtures' squeeze and recover runs are what test_squeeze / test_recover / test_pipeline
 # cover here).
-NO_KERNEL_TESTS := test_relabel test_labels_dist test_evaluate test_metrics test_embedding test_paper
+NO_KERNEL_TESTS := test_relabel test_labels_dist test_evaluate test_metrics test_embedding test_paper test_copy test_gpu_check test_docs test_structure
 test-ref: install
 	WMDD_NO_EXT=1 $(PY) -m pytest -q $(foreach t,$(NO_KERNEL_TESTS),--ignore=tests/$(t).py)
 
@@ -45,7 +45,7 @@ test-all: install
 # ending in runs/demo/PAPER.md. The same code path as `python -m lab.paper` for the paper's datasets;
 # --in-process runs each stage's main() on the printed flags in one interpreter (the same numbers as the
 # subprocesses, without ~4 s of start-up per stage; 1m41s-1m45s on an idle 2-core AVX-512 machine;
-# README, "Measured").
+# docs/paper.md, "Measured").
 DEMO     ?= runs/demo
 DEMO_IPC ?= 10
 demo: install

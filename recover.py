@@ -1,5 +1,5 @@
 """Stage 3 - recover: optimise synthetic images against the teacher, its per-class BN statistics and the
-class barycenters (WMDD, Sec. 4).
+class barycenters (WMDD §III).
 
     python recover.py --dataset digits --ipc 10 --out runs/digits
     python recover.py --dataset tiny --data-dir /data/tiny-imagenet-200 --ipc 50 --out runs/tiny/r224
@@ -14,16 +14,14 @@ images/<class>/<class>_<j>.png. Image j of class c is tied to barycenter atom j 
     L = ||f(x) - B||_F + lambda_bn * sum_l m_l * mean_c (||mu_l(x_c) - mu_l[c]||_2 + ||var_l(x_c) - var_l[c]||_2)
         + r_ce * CE(teacher(x), y)
 
-Adam(betas 0.5, 0.9) on the normalised pixels, cosine lr per iteration, pixels clamped after each step;
-each step shares one RandomResizedCrop + flip + roll over the batch. Batches hold whole classes; a class
-larger than --batch-size is back-propagated in chunks with exactly the whole class's gradient.
-Ablations (paper Table III): --r-ce 1, --feature none, --bn global, --sre2l (SRe2L's recover).
-Levers beyond the paper (ours): --init real/nearest/hardest, --crop-scale, --iterations 0.
+Adam(betas 0.5, 0.9) on the normalised pixels, cosine lr, pixels clamped after each step; each step
+shares one RandomResizedCrop + flip + roll over the batch. Batches hold whole classes (a class larger
+than --batch-size goes in chunks, with exactly the whole class's gradient). Ablations (paper Table III):
+--r-ce 1, --feature none, --bn global, --sre2l. Ours, beyond the paper: --init real/nearest/hardest.
 
-Classes are recovered in groups on a grid fixed by the batch size, each group's draws seeded by
-(--seed, first class, image index) and written to its own shard at once: --classes a:b, torchrun ranks
-and reruns after a kill (resume) all give the unsplit run's images, bit for bit. Bad input stops
-before any work with exit code 2 and a message naming the file and the fix.
+Classes go in groups on a grid fixed by the batch size, each group seeded by (--seed, first class,
+image index) and written to its own shard at once: --classes a:b, torchrun ranks and reruns after a
+kill (resume) all give the unsplit run's images, bit for bit. Bad input: exit code 2 and a message.
 
 Full manual (every flag, the released protocol, sharding, resume, timing): docs/recover.md.
 """
@@ -39,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wmdd import artifacts, augment, bnstats, cli, coreset, data, dist, engine, models, ops, protocol
-from wmdd.shards import (Group, StepClock, check_finite, classes_per_group, load_inputs, merge_shards,
-                         parse_classes, pending_groups, write_shard)
+from wmdd.shards import (Group, StepClock, check_finite, check_recipe, classes_per_group, load_inputs, merge_shards,
+                         pending_groups, write_shard)
 
 TERMS = ("total", "feature", "bn", "ce")
 # SRe2L's released R_BN weights (recover.sh: ImageNet 0.01; recover_tiny.sh: Tiny-ImageNet 1).
@@ -60,13 +58,11 @@ def get_args_parser():
     g.add_argument("--iterations", type=int, default=None,
                    help="Adam steps per batch (0 with a real --init: the starting images themselves)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (cosine schedule per iteration)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch; batches hold batch-size // ipc whole classes (chunks of a class "
-                        "when ipc > batch-size)")
-    g.add_argument("--init", default="noise", choices=["noise", "real", "nearest", "hardest"],
-                   help="start from Gaussian noise (paper), from random real images of the class, from the "
-                        "real image nearest to each barycenter atom, or from the image of each atom's cell "
-                        "the teacher finds hardest (wmdd/coreset.py)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per batch; batches hold batch-size // "
+                   "ipc whole classes (chunks of a class when ipc > batch-size)")
+    g.add_argument("--init", default="noise", choices=["noise", "real", "nearest", "hardest"], help="start from "
+                   "Gaussian noise (paper), random real images of the class, the real image nearest to each "
+                   "barycenter atom, or the image of each atom's cell the teacher finds hardest (wmdd/coreset.py)")
     g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="RandomResizedCrop area range of recover's augmentation (default: the preset's)")
     g.add_argument("--jitter", type=int, default=None,
@@ -90,19 +86,14 @@ def get_args_parser():
     g.add_argument("--teacher", default=None, help="teacher checkpoint (default <out>/teacher.pt)")
     g.add_argument("--bn-stats", default=None, help="BN statistics (default <out>/bn_stats.pt)")
     g.add_argument("--barycenters", default=None, help="barycenters (default <out>/barycenters.pt)")
-    g.add_argument("--amp", default=None, choices=["auto", "bf16", "fp32"],
-                   help="teacher precision; auto: bf16 autocast on CUDA, fp32 on CPU (--protocol wmdd: auto; "
-                        "released: fp32)")
+    g.add_argument("--amp", default=None, choices=["auto", "bf16", "fp32"], help="teacher precision; auto: bf16 "
+                   "autocast on CUDA, fp32 on CPU (--protocol wmdd: auto; released: fp32)")
     g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="channels_last memory format for the teacher (auto: on)")
     g.add_argument("--log-every", type=int, default=25, help="progress bar / NaN check every N steps")
     g.add_argument("--no-png", action="store_true", help="skip the images/ tree")
     protocol.add_image_args(p)
     return p
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration
 
 
 def resolve_args(args, info, device) -> None:
@@ -127,28 +118,11 @@ def resolve_args(args, info, device) -> None:
     if args.crop_scale is None:
         args.crop_scale = list(info.crop_scale)
     args.crop_scale = [float(v) for v in args.crop_scale]
-    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        cli.fail(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} is not an area range: pass "
-                 "LO HI with 0 < LO <= HI <= 1 (e.g. 0.5 1).")
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" else "fp32"
     if args.channels_last == "auto":
         args.channels_last = "on"
-    if args.ipc < 1 or args.batch_size < 1 or args.iterations < 0:
-        cli.fail(f"--ipc ({args.ipc}), --batch-size ({args.batch_size}) and --iterations ({args.iterations}) "
-                 "must be positive (--iterations 0: only with a real start).")
-    if args.iterations == 0 and args.init == "noise":
-        cli.fail("--iterations 0 keeps the starting images as they are, and --init noise starts from noise: pass "
-                 "--init real / nearest / hardest (a set of real images in synthetic.pt's format) or "
-                 "--iterations 1 or more.")
-    if args.bn == "per-class" and args.layout != "class-major":
-        cli.fail("--bn per-class needs class-major batches (whole classes per batch); drop --layout ipc-major.")
-    if args.feature == "none" and args.bn == "none" and args.r_ce == 0:
-        cli.fail("every loss term is off (--feature none --bn none --r-ce 0): nothing to optimise.")
-
-
-def recipe_of(args) -> dict:
-    return {k: getattr(args, k) for k in RECIPE_KEYS}
+    check_recipe(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,54 +140,40 @@ class Targets:
 
 
 class Objective:
-    """Forward pass of the teacher with pre-hooks on every BN layer collecting the (per-class or global)
-    moments of its input, and the loss terms computed from them."""
+    """The teacher's forward pass, with the per-class (or global) moments of every BN layer's input
+    (`bnstats.GroupMomentHooks`), and the loss terms computed from them."""
 
     def __init__(self, model, args):
         self.model, self.head = model, models.classifier(model)
-        self.layers = models.bn_layers(model)
         self.use_feature, self.bn_mode = args.feature == "barycenter", args.bn
         self.lambda_bn, self.r_ce = float(args.lambda_bn), float(args.r_ce)
-        self.mults = [float(args.first_bn_mult)] + [1.0] * (len(self.layers) - 1)
-        self.amp = args.amp == "bf16"
-        self.channels_last = args.channels_last == "on"
-        self.groups, self.shifts = 1, None
-        self.moments: list = []
-        self._handles = []
-        if self.bn_mode != "none":
-            self._handles = [m.register_forward_pre_hook(self._hook) for _, m in self.layers]
-
-    def _hook(self, module, inputs):
-        x = inputs[0]
-        shift = self.shifts[len(self.moments)] if self.shifts else None  # target means: precise sums
-        mean, var = bnstats.group_moments(x, self.groups, shift)
-        self.moments.append((x.numel() // (self.groups * x.shape[1]), mean, var))
+        self.hooks = bnstats.GroupMomentHooks(model, enabled=self.bn_mode != "none")
+        self.mults = [float(args.first_bn_mult)] + [1.0] * (len(self.hooks.layers) - 1)
+        self.amp, self.channels_last = args.amp == "bf16", args.channels_last == "on"
 
     def remove(self):
-        for h in self._handles:
-            h.remove()
+        self.hooks.remove()
 
     def forward(self, x, groups: int, shifts=None):
         """(features [n, d] fp32, logits or None, [(count, mean, var)] per BN layer) of the batch x
         (groups: classes in x for per-class statistics, else 1; shifts: per-layer [groups, C] mean guesses)."""
-        self.groups, self.moments, self.shifts = groups, [], shifts
+        self.hooks.start(groups, shifts)
         x = models.as_layout(x, self.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             feats = models.penultimate(self.model, x)
             logits = self.head(feats) if self.r_ce else None
-        moments, self.moments = self.moments, []
-        return feats.float(), (logits.float() if logits is not None else None), moments
+        return feats.float(), (logits.float() if logits is not None else None), self.hooks.take()
 
     def terms(self, feats, logits, moments, tg: Targets, sl: slice, rest=None) -> dict:
         """The loss terms of images `sl` of the batch. `rest` (a class in chunks) holds the detached
         contributions of its other images: feature residual sum of squares, CE sum, (n, mean, var) per layer."""
         zero = feats.new_zeros(())
         out = {"feature": zero, "bn": zero, "ce": zero}
-        if self.use_feature:
+        if self.use_feature:  # Eq. feature: ||f(x) - B||_F over the batch, image j of class c to atom j
             diff = feats - tg.atoms[sl]
             out["feature"] = torch.linalg.vector_norm(diff) if rest is None \
                 else (diff.pow(2).sum() + rest["feature_sq"]).sqrt()
-        if self.bn_mode != "none":
+        if self.bn_mode != "none":  # Eq. BN: sum_l m_l * mean_c (per-class moments vs the real ones)
             bn = zero
             for l, ((n, mean, var), t_mean, t_var, mult) in enumerate(zip(moments, tg.bn_mean, tg.bn_var, self.mults)):
                 if rest is not None:
@@ -226,7 +186,7 @@ class Objective:
             if rest is not None:
                 ce = ce + rest["ce_sum"]
             out["ce"] = ce / tg.labels.numel()
-        out["total"] = out["feature"] + self.lambda_bn * out["bn"] + self.r_ce * out["ce"]
+        out["total"] = out["feature"] + self.lambda_bn * out["bn"] + self.r_ce * out["ce"]  # Eq. recover loss
         return out
 
     @torch.no_grad()
@@ -262,8 +222,8 @@ class BatchOptimizer:
         parts = None
         if len(self.chunks) > 1:  # every chunk's detached share first, then each chunk's exact gradient
             with torch.no_grad():
-                parts = [obj.contribution(*obj.forward(augment.shared_view(x[sl], params, self.size), tg.groups, tg.bn_mean),
-                                          tg, sl) for sl in self.chunks]
+                views = [augment.shared_view(x[sl], params, self.size) for sl in self.chunks]
+                parts = [obj.contribution(*obj.forward(v, tg.groups, tg.bn_mean), tg, sl) for v, sl in zip(views, self.chunks)]
         for k, sl in enumerate(self.chunks):
             feats, logits, moments = obj.forward(augment.shared_view(x[sl], params, self.size), tg.groups, tg.bn_mean)
             out = obj.terms(feats, logits, moments, tg, sl, bnstats.rest_of(parts, k) if parts else None)
@@ -295,10 +255,6 @@ def recover_batch(objective: Objective, x0: torch.Tensor, tg: Targets, args, inf
     return opt.x.detach(), curve
 
 
-# ---------------------------------------------------------------------------------------------
-# one group of classes
-
-
 def recover_group(group: Group, objective: Objective, inputs, args, info, device, real, bar) -> dict:
     """Recover every image of the classes of `group`. Returns the shard payload (uint8 images etc.)."""
     _, _, bn, points, weights = inputs
@@ -312,22 +268,16 @@ def recover_group(group: Group, objective: Objective, inputs, args, info, device
         if j is None:  # class-major: all images of all classes of the group
             labels = torch.tensor(classes).repeat_interleave(ipc)
             atoms = points[group.start:group.stop].reshape(G * ipc, -1) if points is not None else None
-            if real is not None:
-                x0 = torch.cat([real.of_class(c) for c in classes])
-            else:
-                x0 = torch.randn(G * ipc, 3, S, S, generator=gen)
+            x0 = torch.cat([real.of_class(c) for c in classes]) if real is not None \
+                else torch.randn(G * ipc, 3, S, S, generator=gen)
         else:  # ipc-major: image j of every class of the group
             labels = torch.tensor(classes)
             atoms = points[group.start:group.stop, j] if points is not None else None
             x0 = torch.stack([real.of_class(c, j) for c in classes]) if real is not None \
                 else torch.randn(G, 3, S, S, generator=gen)
-        if bn is None:
-            bn_mean = bn_var = []
-        elif per_class:
-            bn_mean = [t[group.start:group.stop] for t in bn["mean"]]
-            bn_var = [t[group.start:group.stop] for t in bn["var"]]
-        else:
-            bn_mean, bn_var = bn["mean"], bn["var"]
+        bn_mean, bn_var = ([], []) if bn is None else (bn["mean"], bn["var"])
+        if per_class:  # the statistics of the group's own classes
+            bn_mean, bn_var = [t[group.start:group.stop] for t in bn_mean], [t[group.start:group.stop] for t in bn_var]
         tg = Targets(labels.to(device), atoms, bn_mean, bn_var, G if per_class else 1)
         where = f"classes {group.start}:{group.stop}" + ("" if j is None else f" (image index {j})")
         x, curve = recover_batch(objective, x0.to(device), tg, args, info, gen, bar, where)
@@ -352,26 +302,21 @@ def main(args):
 
 
 def run(args, info, world, device, t0):
-    log = world.print
     resolve_args(args, info, device)
     args.out = cli.default_out(args)
     cli.seed_everything(args.seed)
-    lo, hi = parse_classes(args.classes, info.num_classes)
+    classes = cli.parse_range(args.classes, info.num_classes)
+    lo, hi = classes.start, classes.stop
     per_group = classes_per_group(args.layout, args.ipc, args.batch_size)
     if world.is_main:
-        engine.print_config("recover", args, classes_resolved=f"{lo}:{hi} of {info.num_classes}",
-                         classes_per_batch=per_group, image_size=info.image_size,
-                         flip=info.flip, device_resolved=str(device), world_size=world.size,
-                         kernels=ops.describe(args.impl))
-    if lo % per_group or (hi % per_group and hi != info.num_classes):
-        log(f"note: --classes {lo}:{hi} is not on the grid of {per_group} classes per batch, so the cut "
-            "groups are recovered on their own and will not equal an unsplit run.")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        engine.print_config("recover", args, classes_resolved=f"{lo}:{hi} of {info.num_classes}", flip=info.flip,
+                            classes_per_batch=per_group, image_size=info.image_size, device_resolved=str(device),
+                            world_size=world.size, kernels=ops.describe(args.impl))
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     paths = artifacts.run_paths(args.out)
     inputs = load_inputs(args, info, device, paths)
     model, upstream = inputs[0], inputs[1]
-    recipe = recipe_of(args)
+    recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
     upstream_sha = {k: artifacts.sha256_file(p) for k, p in upstream.items()}
     group_sync = dist.wait_group(world)
 
@@ -396,7 +341,7 @@ def run(args, info, world, device, t0):
     merged = dist.on_main(lambda: merge_shards(paths, info, args, recipe, upstream, t0, world_size=world.size,
                                                require_all=(lo, hi) == (0, info.num_classes)), world, group_sync)
     ranks = f" by {world.size} ranks" if world.enabled else ""
-    log(f"[recover] {len(todo)} group(s) recovered{ranks} in {time.time() - t0:.1f}s")
+    world.print(f"[recover] {len(todo)} group(s) recovered{ranks} in {time.time() - t0:.1f}s")
     return {"synthetic": paths.synthetic if merged else None, "shards": paths.shards}
 
 

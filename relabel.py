@@ -65,20 +65,6 @@ def get_args_parser():
     return p
 
 
-def parse_epochs_range(text, epochs: int) -> range:
-    if epochs < 1:
-        cli.fail(f"--epochs must be at least 1, got {epochs}.")
-    if text is None:
-        return range(epochs)
-    try:
-        a, b = (int(v) for v in str(text).split(":"))
-    except ValueError:
-        cli.fail(f"--epochs-range {text!r} is not of the form a:b (e.g. 0:150).")
-    if not 0 <= a < b <= epochs:
-        cli.fail(f"--epochs-range {text} must satisfy 0 <= a < b <= --epochs ({epochs}).")
-    return range(a, b)
-
-
 def label_settings(args, info, syn, spec, teacher_path, synthetic_path) -> dict:
     """What the stored labels depend on; evaluate replays from exactly these."""
     return {"epochs": int(args.epochs), "batch_size": int(args.batch_size), "seed": int(args.seed),
@@ -139,7 +125,9 @@ def run(args, info, world, device, t0):
     paths = artifacts.run_paths(args.out)
     teacher_path = args.teacher or paths.teacher
     synthetic_path = args.synthetic or paths.synthetic
-    epochs = parse_epochs_range(args.epochs_range, args.epochs)
+    if args.epochs < 1:
+        cli.fail(f"--epochs must be at least 1, got {args.epochs}.")
+    epochs = cli.parse_range(args.epochs_range, args.epochs, "--epochs-range", "epoch")
     if args.batch_size < 1:
         cli.fail(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.topk is not None and args.topk < 1 or args.rank is not None and args.rank < 1:

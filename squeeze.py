@@ -86,8 +86,8 @@ def train_teacher(args, info, device, paths, world) -> tuple:
     recipe = {k: getattr(args, k) for k in ("arch", "epochs", "lr", "batch_size", "weight_decay", "momentum", "seed",
                                             "warmup_epochs")}
     start_epoch, val = 0, {"top1": float("nan")}
-    if os.path.exists(paths.squeeze_checkpoint):
-        ckpt = artifacts.load(paths.squeeze_checkpoint, stage="squeeze-checkpoint")
+    ckpt = artifacts.reuse(paths.squeeze_checkpoint, "squeeze-checkpoint", log=print)  # torn: start over
+    if ckpt is not None:
         artifacts.check_compatible(ckpt["meta"], info, paths.squeeze_checkpoint)
         if ckpt["recipe"] != recipe:
             cli.fail(f"{paths.squeeze_checkpoint} is from a run with another recipe ({ckpt['recipe']}) than this "

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import evaluate  # noqa: E402
 import relabel  # noqa: E402
 import squeeze  # noqa: E402
-from wmdd import artifacts, augment, cli, data, subsets, softlabels  # noqa: E402
+from wmdd import artifacts, augment, cli, data, presets, students, subsets, softlabels  # noqa: E402
 
 IN1K_CLASSES, EPOCHS, BATCH = 1000, 300, 100
 # (topk, precision, rank)
@@ -194,7 +194,7 @@ def accuracy_table(args, tmp: str) -> str:
         syn = subsets.load_synthetic(artifacts.run_paths(out).synthetic, info, 10)
         acc[(topk, precision, rank)] = []
         for s in range(args.seeds):
-            rec = evaluate.train_student(syn, evaluate.StoredLabels(labels_dir, settings, plan), ev, info, spec, plan,
+            rec = evaluate.train_student(syn, students.StoredLabels(labels_dir, settings, plan), ev, info, spec, plan,
                                          torch.device("cpu"), val_loader, s, desc=f"{softlabels.describe(topk, precision, rank)} seed {s}")
             acc[(topk, precision, rank)].append(rec["top1"])
             print(f"[bench] {softlabels.describe(topk, precision, rank)} seed {s}: top-1 {rec['top1']:.2f}")
@@ -232,7 +232,7 @@ def main():
         args.run = next((d for d in ("runs/demo", "runs/digits") if os.path.isfile(os.path.join(d, "teacher.pt"))), None)
     if args.quick:
         args.seeds, args.epochs = 2, args.epochs or 20
-    args.epochs = args.epochs or data.PRESETS["digits"].stages["evaluate"]["epochs"]
+    args.epochs = args.epochs or presets.PRESETS["digits"].stages["evaluate"]["epochs"]
     t0 = time.time()
     print(f"# bench_labels: {time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 
 import recover  # noqa: E402
 from wmdd import augment, models  # noqa: E402
-from wmdd.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from wmdd.presets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 CASES = {
     # name: (arch, stem, image size, classes in the batch, ipc, lambda_bn, mean, std, flip, crop scale)

@@ -63,13 +63,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from wmdd import artifacts, cli, data, models
+from wmdd import artifacts, cli, data, models, presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITEMS = ("table1", "table2", "table3", "fig2", "fig4", "fig6", "table4")
 
-# The paper's published top-1 (%), ResNet-18 students (DESIGN.md "Settings that produced the paper's
-# numbers" and its ablation table; README "Dataset presets"). Tiny-ImageNet's are the 224-px protocol's.
+# The paper's published top-1 (%), ResNet-18 students (the paper's tables, as recorded in docs/presets.md). Tiny-ImageNet's are the 224-px protocol's.
 # Table II (other students), Fig. 2 and Table IV (V100 time and memory) are not recorded in this project:
 # those columns show "–".
 PUBLISHED = {
@@ -341,7 +340,7 @@ def build_plan(args, cmd: Commands) -> Plan:
     only, ipcs = set(args.only), args.ipc
     focus = focus_ipc(ipcs)
     table2_ipcs = [k for k in ipcs if k in TABLE2_IPCS] or [focus]
-    preset_lambda = float(data.get_preset(args.dataset).stages["recover"]["lambda_bn"])
+    preset_lambda = float(presets.get_preset(args.dataset).stages["recover"]["lambda_bn"])
     sweep = sorted(set(args.lambda_sweep) | {preset_lambda})
     wants = {}  # (ipc, row) -> (recover flags, stages wanted)
 

@@ -105,7 +105,7 @@ def test_shards_merge_into_the_full_result(digits_teacher, capsys):
     paths = artifacts.run_paths(str(out))
     common = ["--dataset", "digits", "--ipc", 4, "--out", out, "--solver", "sinkhorn"]
     shard = run(common + ["--classes", "2:5"])["barycenters"]
-    assert shard == os.path.join(paths.shards, "barycenters_2_5.pt")
+    assert shard == os.path.join(paths.shards, "barycenter_00002-00005.pt")
     part = artifacts.load(shard, stage="barycenter")
     assert part["points"].shape[0] == 3 and part["meta"]["class_range"] == [2, 5]
     run(common)
@@ -121,6 +121,18 @@ def test_shards_merge_into_the_full_result(digits_teacher, capsys):
     run(common)
     assert torch.allclose(artifacts.load(paths.barycenters)["points"][2:5], part["points"], atol=1e-5)
     assert full["meta"]["args"]["reg"] == 0.02
+
+
+def test_classes_takes_a_range_or_one_class(digits_teacher, capsys):
+    out = digits_teacher
+    common = ["--dataset", "digits", "--ipc", 4, "--out", out, "--solver", "sinkhorn"]
+    shard = run(common + ["--classes", "7"])["barycenters"]
+    assert shard == artifacts.shard_path(artifacts.run_paths(str(out)), "barycenter", 7, 8)
+    assert artifacts.load(shard)["meta"]["class_range"] == [7, 8]
+    for spec, message in (("3:x", "--classes '3:x' is not a class range"), ("5:20", "outside 0:10"), ("5:5", "or empty")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(barycenter.main, barycenter.get_args_parser(), [str(a) for a in common] + ["--classes", spec])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_tiny_raw_tree_ipc50(tmp_path):

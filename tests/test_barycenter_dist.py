@@ -4,7 +4,6 @@ A random digits teacher (the stage only needs its features). Runs compared bit f
 thread: in-process under `one_thread()`, subprocesses with OMP_NUM_THREADS=1."""
 from __future__ import annotations
 
-import glob
 import os
 
 import pytest
@@ -46,7 +45,7 @@ def assert_same(a: str, b: str, keys) -> dict:
 
 
 def shard_files(out) -> list:
-    return sorted(glob.glob(os.path.join(artifacts.run_paths(out).shards, "barycenters_*_*.pt")))
+    return artifacts.shard_files(artifacts.run_paths(out), "barycenter")
 
 
 def test_two_ranks_equal_one(teacher_only, reference, tmp_path):
@@ -74,8 +73,8 @@ def test_sigkill_mid_solve_then_rerun_resumes_and_equals_the_uninterrupted_run(r
     paths = artifacts.run_paths(out)
     assert 1 <= len(done) < 10 and not os.path.exists(paths.barycenters), "killed too late to test resuming"
     # a torn write's leftovers: a temp file, and a damaged shard of a class not done yet
-    todo = [c for c in range(10) if barycenter.shard_path(paths, c, c + 1) not in done]
-    torn = barycenter.shard_path(paths, todo[-1], todo[-1] + 1)
+    todo = [c for c in range(10) if artifacts.shard_path(paths, "barycenter", c, c + 1) not in done]
+    torn = artifacts.shard_path(paths, "barycenter", todo[-1], todo[-1] + 1)
     with open(torn + ".tmp-99999", "wb") as fh:
         fh.write(b"PK\x03\x04 half")
     with open(torn, "wb") as fh:

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ import evaluate
 import relabel
 from tests.conftest import copy_run, run_stage
 from tests.test_relabel import digits_info, make_synthetic
-from wmdd import artifacts, augment, cli, models, softlabels
+from wmdd import artifacts, augment, baselines, cli, models, protocol, softlabels, students
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def test_kl_weighting():
     torch.testing.assert_close(evaluate.soft_kl(s, t, 4.0, w), expected)
     # CutMix: an image's weight mixes its own and the pasted image's by area
     norm = torch.tensor([0.5, 1.0, 1.5, 1.0])
-    got = evaluate.image_weights(norm, torch.tensor([2, 0, 3]), torch.tensor([1, 2, 0]), 0.75)
+    got = protocol.kd_image_weights(norm, torch.tensor([2, 0, 3]), torch.tensor([1, 2, 0]), 0.75, "mixed-set")
     torch.testing.assert_close(got, torch.tensor([0.75 * 1.5 + 0.25 * 0.5, 0.75 * 0.5 + 0.25 * 1.0,
                                                   0.75 * 1.0 + 0.25 * 1.5]))
     # the hard-label loss is the CutMix-mixed CE, weighted the same way
@@ -83,8 +87,8 @@ def test_stored_equals_online_labels(labelled):
     syn = artifacts.load(paths.synthetic)
     ds = augment.ReplayDataset(syn["images"], plan, augment.AugmentSpec.from_dict(settings["augment"]),
                                info.mean, info.std)
-    stored = evaluate.StoredLabels(paths.labels, settings, plan)
-    online = evaluate.OnlineLabels(teacher, 10, None, "fp16")
+    stored = students.StoredLabels(paths.labels, settings, plan)
+    online = students.OnlineLabels(teacher, 10, None, "fp16")
     for e in range(2):
         item = ds[(e, 0)]
         assert torch.equal(stored.targets(item, item["x"]), online.targets(item, item["x"]))
@@ -107,8 +111,8 @@ def test_rank_codec_stored_equals_online(labelled, tmp_path):
     syn = artifacts.load(paths.synthetic)
     ds = augment.ReplayDataset(syn["images"], plan, augment.AugmentSpec.from_dict(settings["augment"]),
                                info.mean, info.std)
-    stored = evaluate.StoredLabels(paths.labels, settings, plan)
-    online = evaluate.OnlineLabels(teacher, 10, None, "int8", 3)
+    stored = students.StoredLabels(paths.labels, settings, plan)
+    online = students.OnlineLabels(teacher, 10, None, "int8", 3)
     online.bind(ds, plan)
     for e in range(2):
         for b in range(3):
@@ -127,7 +131,7 @@ def test_rank_codec_stored_equals_online(labelled, tmp_path):
 
 def test_no_weight_decay_on_bn_and_bias():
     model = models.build_model("resnet18", 10, "small", 32)
-    decay, no_decay = evaluate.param_groups(model, 0.01)
+    decay, no_decay = students.param_groups(model, 0.01)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     assert bn <= {id(p) for p in no_decay["params"]}
@@ -143,6 +147,19 @@ def test_batch_size_or_epoch_mismatch_is_a_clear_error(labelled, flag, value, wh
     with pytest.raises(SystemExit) as e:
         cli.run(evaluate.main, evaluate.get_args_parser(), [str(a) for a in argv])
     assert e.value.code == 2
+
+
+def test_help_lists_every_baseline_of_the_registry():
+    """`evaluate.py --help` names every baseline --baseline accepts (generated from baselines.BASELINES)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=repo, capture_output=True, text=True,
+                         check=True, env={**os.environ, "COLUMNS": "100"}).stdout
+    block = " ".join(re.search(r"--baseline BASELINE\s+(.*?)\n  -", out, re.S).group(1).split()).replace("- ", "-")
+    listed = block.split("same recipe: ", 1)[1].split("; or none", 1)[0]
+    names = [n.strip() for n in re.sub(r"\([^()]*\)", "", listed).split(",")]
+    assert names == list(baselines.BASELINES) and {"random", "full", "coreset", "hardest"} <= set(names)
+    for b in baselines.BASELINES.values():
+        assert f"{b.name} ({b.help})" in block
 
 
 def test_missing_labels_say_what_to_run(digits_run, tmp_path):

@@ -1,4 +1,4 @@
-"""wmdd.ot: free-support barycenters against POT's exact solver and scikit-learn's k-means.
+"""wmdd.ot and wmdd.sinkhorn: free-support barycenters against POT's exact solver and scikit-learn's k-means.
 
 Small random point clouds (non-negative Gaussian mixtures, like post-ReLU features) keep every test
 to a fraction of a second to a few seconds on the reference (POT) Sinkhorn.
@@ -10,7 +10,7 @@ import ot as pot
 import pytest
 import torch
 
-from wmdd import ops
+from wmdd import ops, sinkhorn
 from wmdd import ot as wot
 
 
@@ -100,6 +100,26 @@ def assert_close_to_exact(res, exact):
     local optimum, so a single cloud may differ by a little either way."""
     assert float(res.w2.sum()) <= 1.01 * float(exact.w2.sum()), (res.w2, exact.w2)
     assert torch.all(res.w2 <= 1.03 * exact.w2), (res.w2, exact.w2)
+
+
+def test_location_and_weight_updates_of_one_plan():
+    """The updates of the alternation, on POT's EMD plan: location_update is B = diag(1/w) T Y (an atom
+    without mass keeps its place; a plan in point counts gives the same cell means), weight_update's
+    closed form is T 1, and its mirror step with constant potentials leaves the weights as they are."""
+    y = CLOUDS[0].double()
+    x = y[:4] + 0.1
+    plan = torch.from_numpy(pot.emd(np.full(4, 0.25), np.full(len(y), 1 / len(y)), pot.dist(x.numpy(), y.numpy())))
+    moved = sinkhorn.location_update(plan[None], y[None], x[None])[0]
+    assert torch.allclose(moved, torch.from_numpy(pot.lp.free_support_barycenter([y.numpy()], [np.full(len(y), 1 / len(y))],
+                                                                                x.numpy(), numItermax=1)))
+    plan[2] = 0
+    moved = sinkhorn.location_update(plan[None], y[None], x[None])[0]
+    assert torch.equal(moved[2], x[2])
+    assert torch.allclose(sinkhorn.location_update(plan[None] * len(y), y[None], x[None])[0], moved)
+    w = sinkhorn.weight_update(torch.full((1, 4), 0.25, dtype=torch.float64), 1e-12, plan=plan[None])[0]
+    assert torch.allclose(w, plan.sum(1) / plan.sum()) and 0 < float(w[2]) <= 1e-11
+    same = sinkhorn.weight_update(w[None], 1e-12, f=torch.full((1, 4), 3.0, dtype=torch.float64), step=0.5)[0]
+    assert torch.allclose(same, w)
 
 
 @pytest.mark.parametrize("k", [3, 6])

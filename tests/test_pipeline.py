@@ -1,12 +1,9 @@
-"""The whole pipeline on a minimal digits setting, the report, and the copy-the-scripts use."""
+"""The whole pipeline on a minimal digits setting and the report (the copy-the-scripts use: test_copy.py)."""
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import barycenter
 import evaluate
@@ -16,7 +13,6 @@ from tests.conftest import copy_run, run_stage
 from lab import embedding, report
 from wmdd import artifacts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = ["--dataset", "digits", "--ipc", "2"]
 
 
@@ -70,29 +66,3 @@ def test_pipeline_and_report_numbers_match_results(digits_run, tmp_path):
     for name, value in independent["diversity"].items():
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {value:.3f} | {div[name]:.3f} |" in row
-
-
-def test_stage_scripts_run_when_copied_into_another_repo(digits_run, tmp_path):
-    """The 'copy the scripts into your repo' use: the stage scripts plus wmdd/ in an empty directory."""
-    repo = tmp_path / "other_repo"
-    repo.mkdir()
-    for script in ("squeeze.py", "barycenter.py", "recover.py", "relabel.py", "evaluate.py"):
-        shutil.copy(os.path.join(REPO, script), repo)
-    shutil.copytree(os.path.join(REPO, "wmdd"), repo / "wmdd",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["WMDD_NO_EXT"] = "1"
-
-    def run(*argv):
-        proc = subprocess.run([sys.executable, *argv], cwd=repo, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        return proc.stdout
-
-    assert "--lambda-bn" in run("recover.py", "--help")
-    out = str(repo / "runs" / "digits")
-    copy_run(digits_run, out)
-    run("barycenter.py", *DIGITS, "--out", out)
-    run("recover.py", *DIGITS, "--out", out, "--iterations", "2")
-    run("relabel.py", *DIGITS, "--out", out, "--epochs", "1")
-    printed = run("evaluate.py", *DIGITS, "--out", out, "--baseline", "none")
-    assert "distilled" in printed

@@ -1,7 +1,7 @@
 """--protocol wmdd|released: each choice against an independent oracle (run.sh's batch rule, torchvision's
 own Resize(256) + CenterCrop(224), PIL's own JPEG round trip, numpy's randn + POT's barycenter, float64
 recomputations of the released loss expressions), the downstream refusal, and the released protocol end to
-end with its printed configuration checked against the README table."""
+end with its printed configuration checked against the table of docs/protocol.md."""
 from __future__ import annotations
 
 import argparse
@@ -23,10 +23,10 @@ import recover
 import relabel
 import squeeze
 from tests.conftest import copy_run, make_folder_tree, make_tiny_tree, run_stage
-from wmdd import artifacts, cli, data, protocol, subsets
+from wmdd import artifacts, cli, data, presets, protocol, subsets
 from wmdd import ot as wot
 
-README = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+README = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "protocol.md")).read()
 
 
 def _exit_code(module, argv) -> int:
@@ -91,7 +91,7 @@ def test_eval_transform_is_torchvision_resize256_centercrop224(tmp_path, dataset
     info = data.resolve(args)
     ds = data.build_dataset(info, args, "val")
     oracle = TV.Compose([TV.Resize(256), TV.CenterCrop(224), TV.ToTensor(),
-                         TV.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                         TV.Normalize(presets.IMAGENET_MEAN, presets.IMAGENET_STD)])
     for i in range(len(ds)):
         path = ds.samples[i][0]
         with Image.open(path) as im:
@@ -187,7 +187,7 @@ def test_kd_weights_match_the_released_and_our_expressions_in_float64():
     weights = raw.double()[index]
     weights = weights / weights.mean()
     released = (loss * weights).mean()  # (soft_kl is float32: compared at rtol 1e-4)
-    w = evaluate.image_weights(norm, index, mix, lam, "own-batch")
+    w = protocol.kd_image_weights(norm, index, mix, lam, "own-batch")
     torch.testing.assert_close(evaluate.soft_kl(s, t, T, w).double(), released, rtol=1e-4, atol=0)
     # one torchrun rank's rows: the weights are the whole batch's (normalised over the batch, then sliced)
     parts = sum(evaluate.soft_kl(s[r], t[r], T, w[r], n) for r in (slice(0, 5), slice(5, n)))
@@ -195,13 +195,13 @@ def test_kd_weights_match_the_released_and_our_expressions_in_float64():
 
     # ours: w / mean over the set, area mix of the two images' weights
     ours = (loss * (lam * norm.double()[index] + (1 - lam) * norm.double()[index][mix])).mean()
-    w = evaluate.image_weights(norm, index, mix, lam, "mixed-set")
+    w = protocol.kd_image_weights(norm, index, mix, lam, "mixed-set")
     torch.testing.assert_close(evaluate.soft_kl(s, t, T, w).double(), ours, rtol=1e-4, atol=0)
     assert abs(ours - released) > 1e-2 * released  # the two weightings differ here by far more than the tolerance
     # uniform weights: both are the plain batch mean
     u = torch.full((30,), 1 / 30)
     for mode in ("own-batch", "mixed-set"):
-        assert torch.allclose(evaluate.image_weights(u / u.mean(), index, mix, lam, mode), torch.ones(n))
+        assert torch.allclose(protocol.kd_image_weights(u / u.mean(), index, mix, lam, mode), torch.ones(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_tiny_64_takes_sre2ls_recipe(tmp_path):
     r224 = squeeze.get_args_parser().parse_args(["--dataset", "tiny", "--data-dir", tree["root"]])
     info224 = data.resolve(r224)
     data.preset_defaults(r224, "squeeze")
-    assert info224.mean == data.IMAGENET_MEAN and (r224.lr, r224.batch_size, r224.warmup_epochs) == (0.025, 32, 0)
+    assert info224.mean == presets.IMAGENET_MEAN and (r224.lr, r224.batch_size, r224.warmup_epochs) == (0.025, 32, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The core's shape: `wmdd/` imports no lab code, its modules import each other without a cycle, and no
-function hides an import of a core module (the usual way to dodge a cycle)."""
+"""The core's shape: `wmdd/` holds only what the five stages import, imports no lab code, its modules
+import each other without a cycle, and no function hides an import of a core module (the usual way to
+dodge a cycle)."""
 from __future__ import annotations
 
 import ast
@@ -94,3 +95,18 @@ def test_core_has_no_cycle_no_lab_import_and_no_hidden_import():
         assert not nested, f"wmdd/{module}.py imports {nested} inside a function: import at the top"
     edges = {m: {t for t in top if t in g} for m, (top, _, _) in g.items()}
     assert find_cycle(edges) is None, f"import cycle in wmdd/: {' -> '.join(find_cycle(edges))}"
+
+
+def test_every_core_module_is_imported_by_a_stage():
+    g = graph()
+    reached, todo = set(), []
+    for stage in ("squeeze", "barycenter", "recover", "relabel", "evaluate"):
+        with open(os.path.join(REPO, stage + ".py")) as fh:
+            todo += sorted(core_imports(fh.read())[0])
+    while todo:
+        m = todo.pop()
+        if m in g and m not in reached:
+            reached.add(m)
+            todo += sorted(g[m][0])
+    unused = sorted(set(g) - reached - {"__init__"})
+    assert not unused, f"wmdd/ modules no stage imports (move them to lab/): {unused}"

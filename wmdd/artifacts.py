@@ -1,11 +1,6 @@
 """Stage outputs: where they live, what their `meta` says, atomic saving and safe loading.
 
-Every artifact is a dict saved with `torch.save` and loaded with `torch.load(weights_only=True)` only
-(tensors, numbers, strings, lists, dicts: nothing that can run code). Its `meta` entry records the
-format version, stage, dataset, ordered class list, resolution, image size, normalisation, the sha256
-of the upstream artifacts it was made from, the full args, seed, library versions and wall time.
-Writes go to a temporary file in the same directory and are renamed into place, so an interrupted
-stage never leaves a half-written artifact and an old file survives a failed write.
+More: docs/core.md, "wmdd/artifacts.py".
 """
 from __future__ import annotations
 
@@ -188,13 +183,13 @@ def save(path, payload: dict, meta: dict) -> str:
     return path
 
 
-def load(path, stage: str | None = None, allow_plain: bool = False) -> dict:
+def load(path, stage: str | None = None, allow_plain: bool = False, mmap: bool = False) -> dict:
     """Load an artifact safely (weights_only=True). A missing, truncated, corrupt or unsafe file, or one
     from another stage, is a UserError naming the file and the fix."""
     producer = _producer(path)
     _require_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line), "")
         fail(f"refused to load {path}: it holds Python objects that weights_only loading does not allow "
@@ -275,10 +270,10 @@ def write_images(images: torch.Tensor, labels: torch.Tensor, info, ipc: int, roo
 # relabel's epoch files, evaluate's students)
 
 
-def reuse(path, stage: str | None, matches=None, log=None):
+def reuse(path, stage: str | None, matches=None, log=None, mmap: bool = False):
     """The artifact at `path` if it exists, loads (a torn or corrupt file does not) and `matches(obj)`;
     else None, and the caller recomputes it. `.json` files (evaluate's students) are read as JSON.
-    `log(reason)` hears why a file that exists was not reused."""
+    `log(reason)` hears why a file that exists was not reused; mmap=True reads only what `matches` touches."""
     if not os.path.isfile(path):
         return None
     try:
@@ -286,7 +281,7 @@ def reuse(path, stage: str | None, matches=None, log=None):
             with open(path) as fh:
                 obj = json.load(fh)
         else:
-            obj = load(path, stage=stage)
+            obj = load(path, stage=stage, mmap=mmap)
     except (UserError, OSError, ValueError) as e:
         if log is not None:
             log(f"not reusing {path}: {e}")

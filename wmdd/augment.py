@@ -1,26 +1,6 @@
 """Replayable FKD-style augmentation: RandomResizedCrop + flip + CutMix drawn from (seed, epoch, batch).
 
-relabel stores the teacher's logits on augmented batches; evaluate trains the student on *the same*
-augmented batches. FKD/SRe2L make that possible by saving every crop box, flip, CutMix index, lambda and
-box next to the logits, and by patching a Dataset/transform pair to read them back. Here nothing about
-the augmentation is stored: every random choice of batch b of epoch e is drawn from a CPU generator
-seeded by (seed, e, b), so both stages recompute it bit for bit:
-
-    plan = ReplayPlan(num_images, batch_size, seed)       # which images form batch b of epoch e
-    params = draw_batch(spec, plan.batch(e, b), seed, e, b)   # crop boxes, flips, CutMix
-    x = apply_batch(images_uint8, params, spec, mean, std)    # the model input
-
-`ReplayDataset` + `ReplaySampler` wrap the same three lines for a DataLoader (`batch_size=None`): the
-sampler yields (epoch, batch) keys, the dataset returns the whole augmented batch, so worker processes
-can prepare batches ahead without any state shared with the main process. `BatchParams.digest()`
-(8 bytes per batch) is stored with the labels so a replay that drifted (other torch RNG, other code)
-is caught instead of silently training on mismatched labels.
-
-The draws follow torchvision's RandomResizedCrop (10 attempts of area in `scale` and log-uniform aspect
-ratio in `ratio`, centre-crop fallback), a flip with probability 1/2 when the preset allows it, and
-CutMix as in SRe2L's relabel (one permutation and one lambda ~ Beta(1, 1) = U(0, 1) per batch, a box
-of side sqrt(1 - lambda) around a uniform centre, clipped to the image). Crops are resized with
-bilinear interpolation with antialiasing (torchvision's tensor default).
+More: docs/core.md, "wmdd/augment.py".
 """
 from __future__ import annotations
 
@@ -137,23 +117,31 @@ class BatchParams:
         return int.from_bytes(h.digest(), "little", signed=True)
 
 
+def crop_sizes(u_area: torch.Tensor, u_ratio: torch.Tensor, size: int, scale, ratio) -> tuple:
+    """RandomResizedCrop's size rule (torchvision's get_params) for square images of side `size`, from
+    uniforms [n, attempts] (float64): each attempt's area fraction is uniform in `scale`, its aspect
+    ratio log-uniform in `ratio`; the first attempt that fits wins. Returns (h [n], w [n], the winning
+    attempt [n], -1 where none fits). Both crop draws (relabel's replay, recover's shared view) use it."""
+    target = float(size * size) * (scale[0] + (scale[1] - scale[0]) * u_area)
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_ratio)
+    w = torch.round(torch.sqrt(target * aspect)).to(torch.int64)
+    h = torch.round(torch.sqrt(target / aspect)).to(torch.int64)
+    ok = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full((len(ok),), -1, dtype=torch.int64))
+    rows = torch.arange(len(ok))
+    return h[rows, first.clamp(min=0)], w[rows, first.clamp(min=0)], first
+
+
 def _crop_boxes(g: torch.Generator, n: int, size: int, scale, ratio, attempts: int = 10) -> torch.Tensor:
     """torchvision RandomResizedCrop.get_params for n square images of side `size`, vectorised: the
     first of `attempts` (area, log-ratio) draws that fits, else the centre-crop fallback. The number
     of draws is fixed, so the stream layout does not depend on the outcome."""
     H = W = size
-    area = float(H * W)
     u_area = torch.rand(n, attempts, generator=g, dtype=torch.float64)
     u_ratio = torch.rand(n, attempts, generator=g, dtype=torch.float64)
     u_top = torch.rand(n, generator=g, dtype=torch.float64)
     u_left = torch.rand(n, generator=g, dtype=torch.float64)
-    target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_ratio
-    aspect = torch.exp(log_r)
-    w = torch.round(torch.sqrt(target * aspect)).to(torch.int64)
-    h = torch.round(torch.sqrt(target / aspect)).to(torch.int64)
-    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = torch.where(ok.any(1), ok.to(torch.int8).argmax(1), torch.full((n,), -1, dtype=torch.int64))
+    h, w, first = crop_sizes(u_area, u_ratio, size, scale, ratio)
     # centre-crop fallback (square images: in_ratio = 1, always inside `ratio` for the usual (3/4, 4/3))
     in_ratio = W / H
     if in_ratio < min(ratio):
@@ -162,9 +150,8 @@ def _crop_boxes(g: torch.Generator, n: int, size: int, scale, ratio, attempts: i
         fh, fw = H, int(round(H * max(ratio)))
     else:
         fw, fh = W, H
-    rows = torch.arange(n)
-    hh = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.full((n,), fh))
-    ww = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.full((n,), fw))
+    hh = torch.where(first >= 0, h, torch.full((n,), fh))
+    ww = torch.where(first >= 0, w, torch.full((n,), fw))
     top = torch.where(first >= 0, torch.floor(u_top * (H - hh + 1).double()).to(torch.int64), (H - hh) // 2)
     left = torch.where(first >= 0, torch.floor(u_left * (W - ww + 1).double()).to(torch.int64), (W - ww) // 2)
     return torch.stack([top, left, hh, ww], dim=1)
@@ -315,18 +302,13 @@ def draw_shared_view(gen: torch.Generator, size: int, scale, flip: bool, jitter:
     """recover's augmentation, one view for the whole batch (its images are optimised, not replayed):
     (top, left, height, width, flip, dy, dx): RandomResizedCrop's box (10 tries of an area fraction
     uniform in `scale` and a log-uniform aspect ratio, else the whole image), a coin flip, a roll."""
-    u = torch.rand(30, generator=gen).tolist()
+    u = torch.rand(30, generator=gen).double().view(10, 3)  # (area, ratio, top) per attempt
+    h, w, first = (int(v) for v in crop_sizes(u[None, :, 0], u[None, :, 1], size, scale, ratio))
     box = (0, 0, size, size)
-    area = size * size
-    for t in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[3 * t])
-        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[3 * t + 1])
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= size and 0 < h <= size:
-            top = min(int(u[3 * t + 2] * (size - h + 1)), size - h)
-            left = int(torch.randint(0, size - w + 1, (1,), generator=gen))
-            box = (top, left, h, w)
-            break
+    if first >= 0:
+        top = min(int(float(u[first, 2]) * (size - h + 1)), size - h)
+        left = int(torch.randint(0, size - w + 1, (1,), generator=gen))
+        box = (top, left, h, w)
     rest = torch.randint(0, 2**30, (3,), generator=gen).tolist()
     do_flip = flip and rest[0] % 2 == 1
     dy, dx = rest[1] % (jitter + 1), rest[2] % (jitter + 1)

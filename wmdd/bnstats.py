@@ -1,12 +1,6 @@
 """Per-class BatchNorm statistics (WMDD §III-C): collect, store, and (in recover) match.
 
-For every BatchNorm layer l and class c, the mean and biased variance of the layer's *input* over
-(images of c, H, W), from per-class float64 sums and sums of squares (`ops.class_moments`, fused kernel
-when built, plain torch otherwise) accumulated over one eval-mode pass of the teacher:
-
-    mu[l][c]  = S1[l][c] / n[l][c]          var[l][c] = S2[l][c] / n[l][c] - mu[l][c]^2
-
-Global statistics (what SRe2L matches, and the running statistics of an ideal BN) come from the same sums.
+More: docs/core.md, "wmdd/bnstats.py".
 """
 from __future__ import annotations
 
@@ -78,7 +72,7 @@ def finalize(sums: dict) -> dict:
     out = dict(sums)
     out["mean"], out["var"], out["global_mean"], out["global_var"] = [], [], [], []
     for s, sq, n in zip(sums["sum"], sums["sumsq"], sums["count"]):
-        n_ = n.clamp_min(1).unsqueeze(1)
+        n_ = n.clamp_min(1).unsqueeze(1)  # Eq. per-class BN statistics (real data, from float64 sums)
         mean = s / n_
         out["mean"].append(mean)
         out["var"].append((sq / n_ - mean * mean).clamp_min(0))
@@ -110,7 +104,7 @@ class _GroupMoments(torch.autograd.Function):
             d = xg - shift.view(groups, 1, channels, 1).to(torch.float32)
         s1 = d.sum(dim=(1, 3))
         s2 = (d * d).sum(dim=(1, 3))
-        dm = s1 / n
+        dm = s1 / n  # Eq. per-class BN statistics (the synthetic batch's classes, differentiable)
         var = (s2 / n - dm * dm).clamp_min_(0)
         mean = dm if shift is None else dm + shift.view(groups, channels).to(torch.float32)
         ctx.save_for_backward(x, mean)
@@ -149,6 +143,33 @@ def group_moments(x: torch.Tensor, groups: int = 1, shift: torch.Tensor | None =
     return _GroupMoments.apply(x, groups, shift)
 
 
+class GroupMomentHooks:
+    """Forward pre-hooks on every BN layer collecting `group_moments` of its input during one forward pass
+    (recover): `start(groups, shifts)` before it, `take()` after it gives [(count, mean, var)] per layer."""
+
+    def __init__(self, model, enabled: bool = True):
+        self.layers = bn_layers(model)
+        self.groups, self.shifts, self.moments = 1, None, []
+        self._handles = [m.register_forward_pre_hook(self._hook) for _, m in self.layers] if enabled else []
+
+    def _hook(self, module, inputs):
+        x = inputs[0]
+        shift = self.shifts[len(self.moments)] if self.shifts else None  # target means: precise sums
+        mean, var = group_moments(x, self.groups, shift)
+        self.moments.append((x.numel() // (self.groups * x.shape[1]), mean, var))
+
+    def start(self, groups: int, shifts=None) -> None:
+        self.groups, self.shifts, self.moments = groups, shifts, []
+
+    def take(self) -> list:
+        moments, self.moments = self.moments, []
+        return moments
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
 def merge_moments(n_a, mean_a, var_a, n_b, mean_b, var_b):
     """(mean, var) of the union of two sample sets given each one's count, mean and biased variance
     (Chan et al.'s pairwise update). Differentiable; recover uses it to add the detached statistics of a
@@ -163,6 +184,7 @@ def merge_moments(n_a, mean_a, var_a, n_b, mean_b, var_b):
 def bn_match_loss(mean, var, target_mean, target_var):
     """WMDD's BN term for one layer: mean over groups of ||mean_g - target_g||_2 + ||var_g - target_g||_2
     (mean, var, targets [G, C]). With G = 1 and the global statistics this is SRe2L's R_BN term."""
+    # Eq. BN, layer l: mean_c ||mu_l(x_c) - mu_l[c]||_2 + ||var_l(x_c) - var_l[c]||_2
     return (torch.linalg.vector_norm(mean - target_mean, dim=1).mean()
             + torch.linalg.vector_norm(var - target_var, dim=1).mean())
 

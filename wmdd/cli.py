@@ -1,12 +1,6 @@
 """What every stage script shares on the command line: common flags, device, seeding, errors.
 
-A stage script does::
-
-    def main(args): ...
-    if __name__ == "__main__":
-        cli.run(main, get_args_parser())
-
-`cli.run` turns a `UserError` (bad input the user can fix) into one paragraph on stderr and exit code 2.
+More: docs/core.md, "wmdd/cli.py".
 """
 from __future__ import annotations
 
@@ -48,10 +42,29 @@ def add_common_args(parser: argparse.ArgumentParser, *, ipc: bool = False) -> ar
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     g.add_argument("--protocol", default="wmdd", choices=["wmdd", "released"],
                    help="wmdd: this project's choices; released: every choice as in the authors' released "
-                        "code (README, 'Differences from the released code'); a choice's own flag wins")
+                        "code (docs/protocol.md); a choice's own flag wins")
     if ipc:
         g.add_argument("--ipc", type=int, default=10, help="images per class")
     return parser
+
+
+def parse_range(spec, n: int, flag: str = "--classes", what: str = "class") -> range:
+    """--classes / --epochs-range: 'a:b' (half-open, either side may be empty) or 'a' -> range(a, b)
+    within [0, n); None -> range(n)."""
+    if spec is None:
+        return range(n)
+    try:
+        if ":" in str(spec):
+            a, b = str(spec).split(":", 1)
+            lo, hi = int(a) if a.strip() else 0, int(b) if b.strip() else n
+        else:
+            lo = int(spec)
+            hi = lo + 1
+    except ValueError:
+        fail(f"{flag} {spec!r} is not a {what} range; write a:b ({what} a to b-1), e.g. 0:{max(n // 2, 1)}.")
+    if not 0 <= lo < hi <= n:
+        fail(f"{flag} {spec} is outside 0:{n} (every {what}) or empty; use a:b with 0 <= a < b <= {n}.")
+    return range(lo, hi)
 
 
 def resolve_device(name: str) -> torch.device:

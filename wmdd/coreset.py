@@ -1,36 +1,7 @@
 """The nearest-real coreset: for every barycenter atom, the real training image of its class whose teacher
 feature is nearest to it, each image used at most once.
 
-Used by recover's `--init nearest` (each synthetic image starts from its atom's image; the recover loss
-then refines it) and by the coreset baseline (those images themselves, no recover: what recover adds to
-the barycenter's choice).
-
-Per class c with atoms B_c [k, d] and the class's features F_c [n, d] (barycenter.py's features.pt, in
-training-set order) the choice is the assignment
-
-    sigma = argmin over injective sigma: {1..k} -> {1..n} of  sum_j ||B_c[j] - F_c[sigma(j)]||^2
-
-solved exactly by scipy's `linear_sum_assignment` on the rectangular k x n cost (the Jonker-Volgenant
-algorithm). Taking each atom's nearest image independently can pick one image twice (two atoms with the
-same nearest neighbour); POT's `emd` would need equal masses on both sides (k = n) or a partial plan. The
-squared distance is the barycenter's own cost (W2^2), so the chosen images are the discrete measure on
-real features closest to the barycenter among those with one image per atom.
-
-The hardest image of each atom's cell (`--init hardest`, evaluate's `--baseline hardest`; ours, not the
-paper's): the barycenter's own optimal coupling pi_c between the atoms (weights w_c) and the class's
-features (uniform) splits the class into k cells, image i belonging to the atom that carries the largest
-share of its mass, argmax_j pi_c[j, i]. From atom j's cell the choice is the image the teacher finds
-hardest, the smallest margin
-
-    m_i = z_i[y_i] - max_{y != y_i} z_i[y],    z_i = the teacher's classifier applied to features.pt's F_i
-
-(the logits of the unaugmented image). The cells keep the barycenter's coverage of the class, one image
-per region of its feature cloud; the margin takes from each region the image nearest a decision boundary
-rather than its most typical one. At a large IPC that is the more informative choice; where data is
-scarce it is the wrong one (at IPC 1 the one cell is the whole class): bench/RESULTS.md, "The hardest
-image of each atom's cell". An atom whose
-cell is empty (possible when its mass is split over images that other atoms carry more of) takes its
-nearest unused image.
+More: docs/core.md, "wmdd/coreset.py".
 """
 from __future__ import annotations
 

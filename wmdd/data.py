@@ -1,30 +1,11 @@
 """Dataset registry: presets, on-disk layouts, transforms and the paper's per-stage defaults.
 
-Each preset knows its classes (or how to read them), protocol resolution(s), normalisation, the
-teacher architecture and stem, and the defaults every stage takes when its flag is not given
-(DESIGN §1 "Settings that produced the paper's numbers"). Stages call::
-
-    info = data.resolve(args)                  # validates the dataset, fills args.resolution
-    data.preset_defaults(args, "recover")      # fills flags left at None from the preset
-    ds = data.build_dataset(info, args, split="train", augment=False)
-
-Layouts read as they are released (no restructuring step):
-
-- ``tiny``: Tiny-ImageNet-200: ``wnids.txt``, ``train/<wnid>/images/*.JPEG``, ``val/images/*.JPEG`` and
-  ``val/val_annotations.txt`` (file, wnid, box). Class order: sorted wnids. ``--resolution 224`` (WMDD's
-  released protocol: 64 px images upsampled to 224, stem conv 3x3 s2 p3, no maxpool) or ``64``
-  (SRe2L/RDED: stem conv 3x3 s1 p1, no maxpool).
-- ``imagenette`` (imagenette2), ``imagenet`` (ILSVRC-2012), ``folder`` (your own data): ``train/<class>/*``
-  and ``val/<class>/*`` image folders; class order: sorted folder names of train/.
-- ``cifar10``, ``cifar100``: torchvision's datasets under --data-dir (``--download`` to fetch them).
-- ``digits``: scikit-learn's 1797 real 8x8 handwritten digits, shipped with scikit-learn (no download),
-  upsampled to 16 or 32 px, fixed stratified 80/20 train/val split: the embedded CPU-size dataset.
+More: docs/core.md, "wmdd/data.py".
 """
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
 
 import torch
 import torchvision.transforms.v2 as T
@@ -32,136 +13,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from wmdd.cli import fail
+from wmdd.presets import PRESETS, DatasetInfo, Preset, get_preset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SRE2L_TINY_MEAN = (0.4802, 0.4481, 0.3975)  # SRe2L's Tiny-ImageNet normalisation (its 64 px protocol)
-SRE2L_TINY_STD = (0.2302, 0.2265, 0.2262)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-
-# Defaults shared by the ImageNet-like presets; each preset overrides what differs (DESIGN §1 table).
-_PAPER_STAGES = {
-    # teacher: ResNet-18, 50 ep, SGD lr 0.025, bs 32, cosine, wd 1e-4
-    "squeeze": dict(epochs=50, lr=0.025, batch_size=32, weight_decay=1e-4, warmup_epochs=0),
-    # barycenter: k = IPC, uniform weights, exact EMD (the released ot.lp.free_support_barycenter)
-    "barycenter": dict(solver="exact", weights="uniform"),
-    # recover: 2000 it, bs 100, Adam(0.5, 0.9), cosine; lr and lambda per dataset below
-    "recover": dict(iterations=2000, batch_size=100, lr=0.25, lambda_bn=10.0, r_ce=0.0),
-    # relabel / evaluate: 300 ep, bs 100, T = 20, AdamW(1e-3, wd 0.01)
-    "relabel": dict(epochs=300, batch_size=100),
-    "evaluate": dict(epochs=300, batch_size=100, lr=1e-3, weight_decay=0.01, temperature=20.0),
-}
-
-
-def _stages(**overrides) -> dict:
-    stages = {k: dict(v) for k, v in _PAPER_STAGES.items()}
-    for stage, values in overrides.items():
-        stages[stage].update(values)
-    return stages
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    resolutions: tuple            # allowed protocol resolutions; the first is the default
-    mean: tuple
-    std: tuple
-    arch: str                     # teacher architecture
-    stems: dict                   # resolution -> stem name (see wmdd.models)
-    layout: str                   # human description of the expected on-disk layout
-    stages: dict = field(default_factory=_stages)
-    num_classes: int | None = None  # None: read from disk
-    crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop scale used by every augmenting stage
-    flip: bool = True                # horizontal flips are label-preserving (not for digits)
-    needs_data_dir: bool = True
-    folder: str | None = None        # the release's folder name: the default --data-dir is $WMDD_DATA/<folder>
-    # per resolution: (mean, std) and stage defaults that replace the preset's (tiny 64: SRe2L's Tiny recipe)
-    norm_by_resolution: dict = field(default_factory=dict)
-    stages_by_resolution: dict = field(default_factory=dict)
-
-
-_FOLDER_LAYOUT = "{root}/train/<class>/<image> and {root}/val/<class>/<image> (one folder per class)"
-
-PRESETS = {
-    "digits": Preset(
-        "digits", (16, 32), (0.305, 0.305, 0.305), (0.376, 0.376, 0.376), "convnet",
-        {16: "small", 32: "small"}, "built in (scikit-learn's load_digits): no --data-dir needed",
-        # CPU-size recipe: a minute of teacher training reaches ~97%; short recover / evaluate.
-        stages=_stages(squeeze=dict(epochs=15, lr=0.05, batch_size=64, weight_decay=5e-4),
-                       recover=dict(iterations=200, lr=0.1, lambda_bn=10.0, batch_size=100),
-                       relabel=dict(epochs=60, batch_size=100),
-                       evaluate=dict(epochs=60, batch_size=100)),
-        num_classes=10, crop_scale=(0.25, 1.0), flip=False, needs_data_dir=False),
-    "tiny": Preset(
-        "tiny", (224, 64), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "tiny224", 64: "small"},
-        "{root}/wnids.txt, {root}/train/<wnid>/images/*.JPEG, {root}/val/images/*.JPEG and "
-        "{root}/val/val_annotations.txt (the raw tiny-imagenet-200 release, unmodified)",
-        stages=_stages(recover=dict(lr=0.1, lambda_bn=300.0)), num_classes=200, folder="tiny-imagenet-200",
-        # --resolution 64 is SRe2L's Tiny-ImageNet protocol: its normalisation (recover_tiny.py utils.py), its
-        # teacher (zeyuanyin/tiny-imagenet script/train_rn18.sh: SGD lr 0.2, batch 256, 50 epochs, wd 1e-4,
-        # cosine, 5 linear warm-up epochs from 0.01 x lr) and its recover jitter (4 px)
-        norm_by_resolution={64: (SRE2L_TINY_MEAN, SRE2L_TINY_STD)},
-        stages_by_resolution={64: dict(squeeze=dict(lr=0.2, batch_size=256, warmup_epochs=5),
-                                       recover=dict(jitter=4))}),
-    "imagenette": Preset(
-        "imagenette", (224,), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "imagenet"},
-        _FOLDER_LAYOUT + " as in imagenette2 (wnid folder names)",
-        stages=_stages(recover=dict(lr=0.25, lambda_bn=10.0)), num_classes=10, folder="imagenette2"),
-    "imagenet": Preset(
-        "imagenet", (224,), IMAGENET_MEAN, IMAGENET_STD, "resnet18", {224: "imagenet"},
-        _FOLDER_LAYOUT + " as in ILSVRC-2012 (val/ sorted into wnid folders)",
-        stages=_stages(recover=dict(lr=0.25, lambda_bn=500.0)), num_classes=1000, folder="imagenet"),
-    # CIFAR is not in the WMDD paper: the recover values are the ImageNette ones, to be tuned.
-    "cifar10": Preset(
-        "cifar10", (32,), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), "resnet18", {32: "small"},
-        "torchvision's CIFAR-10 files under {root} (cifar-10-batches-py/); pass --download to fetch",
-        num_classes=10, folder="cifar"),
-    "cifar100": Preset(
-        "cifar100", (32,), (0.5071, 0.4865, 0.4409), (0.267, 0.256, 0.276), "resnet18", {32: "small"},
-        "torchvision's CIFAR-100 files under {root} (cifar-100-python/); pass --download to fetch",
-        num_classes=100, folder="cifar"),
-    "folder": Preset(
-        "folder", (224, 64, 32), IMAGENET_MEAN, IMAGENET_STD, "resnet18",
-        {224: "imagenet", 64: "small", 32: "small"}, _FOLDER_LAYOUT),
-}
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """A preset resolved against the data on disk: what every artifact's meta records."""
-    name: str
-    data_dir: str | None
-    classes: tuple                # ordered class names; class index = position
-    resolution: int               # protocol resolution (--resolution)
-    image_size: int               # model input size in pixels
-    mean: tuple
-    std: tuple
-    arch: str
-    stem: str
-    crop_scale: tuple
-    flip: bool
-    protocol: str = "wmdd"        # --protocol: the upstream choices this run expects (wmdd/protocol.py)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] -> the model's input space."""
-        return (x01 - self._stat(self.mean, x01)) / self._stat(self.std, x01)
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self._stat(self.std, x) + self._stat(self.mean, x)
-
-    @staticmethod
-    def _stat(values, like):
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-
-
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        fail(f"unknown --dataset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    return PRESETS[name]
 
 
 def preset_defaults(args: argparse.Namespace, stage: str) -> argparse.Namespace:

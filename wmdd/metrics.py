@@ -1,33 +1,14 @@
 """DD-Ranking's scores (arXiv 2505.13300; its evaluator, the `ddranking` package 0.2.0), one place each.
 
-Every score compares students trained under one recipe and is computed *per evaluation round*, then
-averaged: round s pairs the students of seed s (distilled set, a random real subset drawn anew for that
-seed, the full-data student), as DD-Ranking's `compute_metrics` loops do. Accuracies are top-1 on the
-real validation set, in percent.
-
-- IOR (improvement over random) = acc(distilled, soft) − acc(random, soft)            [LabelRobustScoreSoft]
-- HLR (hard-label recovery)     = acc(full data, hard) − acc(distilled, hard)          [LabelRobustScoreSoft]
-- LRS (label-robust score)      = (e^α − e^−1) / (e − e^−1), α = λ·IOR − (1 − λ)·HLR, λ = 0.5
-- ARS (augmentation-robust)     = (e^β − e^−1) / (e − e^−1), β = λ·W + (1 − λ)·W/O, λ = 0.5, where
-  W   = acc(distilled, with aug)    − acc(random, with aug)                           [AugmentationRobustScore]
-  W/O = acc(distilled, without aug) − acc(random, without aug)
-  (ARS's students use the soft labels, DD-Ranking's default label_type='soft'; "with aug" is the soft
-  recipe, "without aug" the same students on the unaugmented images.)
-
-IOR, HLR, W and W/O enter α and β as fractions (accuracy / 100), so α, β ∈ [−1, 1] and LRS, ARS ∈ [0, 1];
-they are reported in percent (× 100), as the DD-Ranking paper's tables print them. (0.2.0's code
-subtracts the percent accuracies and exponentiates those directly; with fractions the score is the
-paper's bounded one.) IOR, HLR, W, W/O are reported in percentage points.
-
-DD-Ranking keeps each student's best validation accuracy over training (`best_acc1`); the WMDD paper
-reports the last epoch's. Every score here exists in both variants, `best` and `last`.
-Mean ± std over rounds: `std` is the sample std (ddof 1, this project's convention); DD-Ranking prints
-np.std (ddof 0), kept as `std_pop`.
+More: docs/core.md, "wmdd/metrics.py".
 """
 from __future__ import annotations
 
 import math
 import statistics
+import time
+
+from wmdd import artifacts, students
 
 LAMBDA = 0.5  # DD-Ranking's default lrs_lambda and ars_lambda
 
@@ -109,6 +90,71 @@ def scores(acc: dict, full: list | None) -> dict:
     else:
         out.pop("W", None)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate's results (results.json)
+
+
+def collect_runs(jobs: list, records: dict) -> list:
+    """One entry per configuration (students.Job key), its students' records in seed order and the
+    mean ± std of their top-1 (both variants) and top-5."""
+    runs = []
+    for job in jobs:
+        if not runs or runs[-1]["key"] != job.key:
+            runs.append({"key": job.key, "images": job.images_desc, "label_desc": job.label_desc, "per_seed": []})
+        runs[-1]["per_seed"].append(records[(job.key, job.seed)])
+    for r in runs:
+        for v in VARIANTS:
+            r[f"top1_{v}"] = summarize([accuracy(x, v) for x in r["per_seed"]])
+        r["top1"], r["top5"] = r["top1_last"], summarize([x["top5"] for x in r["per_seed"]])
+    return runs
+
+
+def teacher_arch(teacher_art):
+    return (teacher_art or {}).get("model_args", {}).get("arch") if teacher_art else None
+
+
+def full_data(args, source, teacher_top1, teacher_art, records: dict) -> dict:
+    """acc(full data, hard) of HLR, both variants, with where it comes from (baselines.full_data_source)."""
+    full = {"source": source, "student": args.student}
+    if source == "user":
+        full.update(top1={"last": args.full_data_acc, "best": args.full_data_acc},
+                    label=f"user-given (--full-data-acc {args.full_data_acc:g})")
+    elif source == "teacher":
+        full.update(top1={"last": teacher_top1, "best": teacher_top1},
+                    label=f"STAND-IN: the teacher's val top-1 ({teacher_arch(teacher_art)}), not a {args.student} "
+                          "student (--hlr-reference teacher)")
+    elif source == "student":
+        rec = records[("full/hard", args.seed)]
+        full.update(top1={v: accuracy(rec, v) for v in VARIANTS},
+                    label=f"a {args.student} student trained on the full training set, hard labels, same recipe")
+    return full
+
+
+def results(args, config: dict, jobs: list, records: dict, full_source, settings, teacher_top1, teacher_art,
+            world_size: int, upstream: dict, t0: float) -> dict:
+    """evaluate's results.json: `config` (the flags and what the run resolved), every configuration's
+    students, acc(full data, hard), the scores of both variants with their formulas, upstream files."""
+    runs = collect_runs(jobs, records)
+    full = full_data(args, full_source, teacher_top1, teacher_art, records)
+    seeds = config["seeds_used"]
+    scores_by = {}
+    for v in VARIANTS:
+        acc = {r["key"]: [accuracy(x, v) for x in r["per_seed"]] for r in runs if not students.is_full_data(r["key"])}
+        scores_by[v] = scores(acc, None if full_source is None else [full["top1"][v]] * len(seeds))
+    report = {
+        "config": config,
+        "label_settings": settings, "teacher_val_top1": teacher_top1, "teacher_arch": teacher_arch(teacher_art),
+        "full_data": full, "random_subset_indices": {str(j.seed): j.iset.indices for j in jobs if j.key == "random/hard"},
+        "world_size": world_size, "runs": runs,
+        "metrics": scores_by["last"], "metrics_best": scores_by["best"], "formulas": FORMULAS,
+        "upstream": upstream,
+        "versions": {k: str(v) for k, v in artifacts.library_versions().items()},
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    report["config"]["seeds"] = args.seeds
+    return report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,31 +1,7 @@
 """Architectures, stems, and the two views of a model every stage needs: its penultimate feature
 (the avgpool output, what the barycenters live on) and its BatchNorm layers in order.
 
-- ``resnet18|resnet50|resnet101``: torchvision's ResNets (state_dict keys are torchvision's) with a stem:
-  ``imagenet`` (7x7 s2 conv + maxpool, as torchvision), ``tiny224`` (WMDD's released Tiny-ImageNet
-  protocol at 224 px: conv 3x3 s2 p3, no maxpool), ``small`` (SRe2L/RDED at 64 px and CIFAR at 32 px:
-  conv 3x3 s1 p1, no maxpool).
-- ``convnet``: the field's standard ConvNet with BatchNorm: ``depth`` x [conv 3x3 (width) -> BN -> ReLU
-  -> avgpool 2], then a linear classifier on the flattened map (the CPU-size teacher/student).
-- ``vit_tiny``: torchvision's VisionTransformer (12 layers, 3 heads, 192 wide), for the cross-architecture
-  table. It has no BatchNorm, so it can be a student but not a WMDD teacher.
-
-Students (evaluate ``--student``) may also be any classification model of torchvision's registry
-(``torchvision.models.list_models(module=torchvision.models)``: mobilenet_v2, efficientnet_b0, densenet121,
-swin_t, vit_b_16, ...), untrained, with ``num_classes`` outputs. With the ``small`` stem (inputs of 32 or
-64 px) the first downsampling is removed so that a 32-px image does not shrink to nothing, per family:
-
-- ResNet / ResNeXt / Wide-ResNet: conv1 -> 3x3 stride 1 padding 1, no maxpool (as SRe2L / RDED at 32-64 px);
-  ``tiny224`` gives them WMDD's 3x3 s2 p3 stem without maxpool.
-- MobileNetV2/V3, EfficientNet(V2), MNASNet, RegNet: the stem conv's stride 2 -> 1.
-- ShuffleNetV2: conv1 stride 2 -> 1 and no maxpool. DenseNet: conv0 (7x7 s2) -> 3x3 s1 p1 and no pool0.
-- SqueezeNet: the first conv's stride 2 -> 1. GoogLeNet: conv1 stride 2 -> 1 and no maxpool1
-  (built without auxiliary heads, as is Inception-v3).
-- ViT (vit_b_16, ...): the same depth and width rebuilt for the input size with patch 4 (32 px) or 8 (64 px),
-  as ``vit_tiny``.
-- VGG, AlexNet, ConvNeXt, Swin, MaxViT, Inception-v3: unchanged (their pooling adapts, or they need
-  larger inputs); a model that cannot take the input size is refused with a clear message.
-Every other stem (``imagenet``, and ``tiny224`` outside the ResNets) leaves torchvision's model as built.
+More: docs/core.md, "wmdd/models.py".
 """
 from __future__ import annotations
 

@@ -1,35 +1,6 @@
 """Kernel routing: the compiled extension `wmdd._C` when it is built, else the reference.
 
-Two operations (DESIGN §5):
-
-- `class_moments(x, y, num_classes)`: per-class, per-channel sum and sum of squares of x over
-  (samples of the class, spatial positions), float64 accumulation, and per-class element counts.
-  Reference: plain torch (`index_add_`).
-- `sinkhorn_log_batched(cost, a, b, reg, ...)`: entropic OT for B problems at once, log domain.
-  Reference: POT's `ot.bregman.sinkhorn_log`, one problem at a time, on POT's torch backend.
-
-Conventions (shared by the reference and the kernels):
-- cost [B, k, N], a [B, k], b [B, N]; ragged problems pad b with zeros (those columns carry no mass).
-- Dual potentials are in cost units: f = reg * log_u, g = reg * log_v (POT's `log_u`, `log_v`), so the
-  plan is P[i, j] = exp((f[i] + g[j] - cost[i, j]) / reg). Padded columns get g = -inf (plan exactly 0).
-- One iteration updates g then f, as POT does; the stopping error is the L2 violation of the b-marginal,
-  checked after iterations 1, 11, 21, ... (POT's `ii % 10 == 0`); each problem stops on its own.
-  `check_every=m` checks after iterations 1, 1 + m, 1 + 2m, ... instead (the kernels get the error from
-  column sums the next iteration needs anyway, so m = 1 costs nothing there; the reference then runs POT
-  one iteration per call).
-  Warm start: f_init (and g_init, which only matters when max_iter = 0) in cost units.
-
-Implementation choice: `--impl auto|ext|ref` (or $WMDD_IMPL). auto = ext when importable, else ref;
-ext without a usable build is a clear error. The extension (csrc/, built by setup.py) is refused when it
-was built for another torch version. A CUDA tensor with a CPU-only build uses the reference under auto
-and is an error under ext.
-
-Kernels (csrc/): CPU C++ compiled for AVX-512, AVX2 and baseline x86-64, chosen at run time
-(`wmdd._C.cpu_isa()`; $WMDD_CPU_ISA forces one). Moments: one pass, float64 accumulators. Sinkhorn:
-problems spread over threads; per iteration one exp per cost entry (the row pass's shifted exps are
-reused, exactly, by the next column pass), with an exact max-shifted fallback wherever a shortcut's
-range check fails. CUDA: atomics for the moments; one block per problem for Sinkhorn, every iteration
-and the stopping test on the device.
+More: docs/core.md, "wmdd/ops.py".
 """
 from __future__ import annotations
 

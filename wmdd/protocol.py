@@ -1,19 +1,6 @@
-"""The released WMDD protocol, choice for choice (README "Differences from the released code").
+"""The released WMDD protocol, choice for choice (docs/protocol.md).
 
-Where this project's default differs from the authors' released code (Liu-Hy/WMDD), the difference is a
-`Choice`: a flag of the stage it acts in, this project's value, the released value and the released file
-it comes from. `--protocol wmdd` (default) takes this project's values, `--protocol released` takes the
-released ones; a choice's own flag wins over either. Every stage takes `--protocol`:
-
-    protocol.resolve(args)         # dist.stage_main: fill the choices the stage has and left unset
-    protocol.block(stage, args)    # the printed block (cli.print_config prints it)
-    protocol.record(args, stage)   # meta["protocol"] of every artifact (artifacts.make_meta)
-    protocol.check(meta, path, p)  # artifacts.check_compatible: refuse an upstream artifact made under
-                                   # another value of a choice that changes what it means (exit code 2)
-
-Not choices (fixed in both protocols, as released): the relabel / evaluate batch size (100, or 10 * IPC
-below IPC 10 except on Tiny-ImageNet and ImageNet-1K: `kd_batch_size`) and the 224 px eval transform
-(Resize(256) -> CenterCrop(224) for every dataset, wmdd/data.py `eval_transform`).
+More: docs/core.md, "wmdd/protocol.py".
 """
 from __future__ import annotations
 
@@ -96,7 +83,7 @@ def _stage_choices(args) -> list:
 def block(stage: str, args) -> list:
     """The printed lines: the protocol, then each choice of this stage with where its value came from."""
     protocol = getattr(args, "protocol", "wmdd")
-    lines = [f"protocol: {protocol} (README, 'Differences from the released code')"]
+    lines = [f"protocol: {protocol} (docs/protocol.md)"]
     if stage in ("relabel", "evaluate") and getattr(args, "ipc", None) is not None:
         lines.append(f"  {'kd_batch_size':>18} = {args.batch_size}   (run.sh rule, both protocols: "
                      f"{kd_batch_size(args.dataset, args.ipc)} for --dataset {args.dataset} --ipc {args.ipc})")

@@ -1,13 +1,7 @@
 """recover.py's plumbing: its checked inputs, the class grid, shards, resume and the merge into synthetic.pt
 (docs/recover.md, "Sharding" and "Resume").
 
-Classes are grouped on a grid fixed by the batch size (group g = classes [g*k, (g+1)*k), k = classes per
-batch); every random draw of a batch comes from a generator seeded by (--seed, the group's first class,
-image index) alone, so any split of the classes along the grid (ranks, --classes shards, a resumed run)
-reproduces the unsplit run bit for bit. Each finished group is one shard file; a shard counts only if it
-was made by this run's recipe from these upstream files (sha256), and the shards of one recipe that cover
-every class are merged into synthetic.pt. Each shard also keeps its group's wall time and peak memory
-(the paper's Table IV).
+More: docs/core.md, "wmdd/shards.py".
 """
 from __future__ import annotations
 
@@ -17,25 +11,6 @@ from dataclasses import dataclass, field
 import torch
 
 from wmdd import artifacts, cli, coreset, dist, models, ops
-
-def parse_classes(spec, num_classes: int) -> tuple:
-    """'a:b' (half-open, either side may be empty) or 'a' -> (a, b) within [0, num_classes]."""
-    if spec is None:
-        return 0, num_classes
-    try:
-        if ":" in spec:
-            a, b = spec.split(":", 1)
-            lo, hi = int(a) if a.strip() else 0, int(b) if b.strip() else num_classes
-        else:
-            lo = int(spec)
-            hi = lo + 1
-    except ValueError:
-        cli.fail(f"--classes {spec!r} is not a class range; write a:b (classes a to b-1), e.g. 0:100.")
-    if not 0 <= lo < hi <= num_classes:
-        cli.fail(f"--classes {spec} is outside the dataset's {num_classes} classes (or empty); "
-                 f"use a range within 0:{num_classes}.")
-    return lo, hi
-
 
 # batches: a grid of class groups fixed by the batch size, so any split along it reproduces
 
@@ -125,6 +100,10 @@ def current_shard(path, recipe: dict, upstream_sha: dict, info):
 
 def pending_groups(lo: int, hi: int, args, info, paths, recipe: dict, upstream_sha: dict, world, group) -> tuple:
     """(the groups of classes [lo, hi) without a current shard, this rank's share of them)."""
+    k = classes_per_group(args.layout, args.ipc, args.batch_size)
+    if lo % k or (hi % k and hi != info.num_classes):
+        world.print(f"note: --classes {lo}:{hi} is not on the grid of {k} classes per batch, so the cut "
+                    "groups are recovered on their own and will not equal an unsplit run.")
     groups = plan_groups(lo, hi, info.num_classes, args.ipc, args.batch_size, args.layout)
     todo = [g for g in groups if current_shard(shard_path(paths, g), recipe, upstream_sha, info) is None]
     if len(todo) < len(groups):
@@ -141,6 +120,24 @@ def write_shard(paths, group: Group, shard: dict, timing: dict, args, info, upst
         artifacts.write_images(shard["images"], shard["labels"], info, args.ipc, paths.images, encoded)
     artifacts.save(shard_path(paths, group), dict(shard, recipe=recipe),
                    artifacts.make_meta("recover-shard", args, info, upstream=upstream, recipe=recipe))
+
+
+def check_recipe(args) -> None:
+    """recover's resolved flags that cannot make a synthetic set: exit code 2 before any work."""
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        cli.fail(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} is not an area range: pass "
+                 "LO HI with 0 < LO <= HI <= 1 (e.g. 0.5 1).")
+    if args.ipc < 1 or args.batch_size < 1 or args.iterations < 0:
+        cli.fail(f"--ipc ({args.ipc}), --batch-size ({args.batch_size}) and --iterations ({args.iterations}) "
+                 "must be positive (--iterations 0: only with a real start).")
+    if args.iterations == 0 and args.init == "noise":
+        cli.fail("--iterations 0 keeps the starting images as they are, and --init noise starts from noise: pass "
+                 "--init real / nearest / hardest (a set of real images in synthetic.pt's format) or "
+                 "--iterations 1 or more.")
+    if args.bn == "per-class" and args.layout != "class-major":
+        cli.fail("--bn per-class needs class-major batches (whole classes per batch); drop --layout ipc-major.")
+    if args.feature == "none" and args.bn == "none" and args.r_ce == 0:
+        cli.fail("every loss term is off (--feature none --bn none --r-ce 0): nothing to optimise.")
 
 
 def check_finite(values: torch.Tensor, first: int, terms: tuple, iterations: int, where: str) -> None:

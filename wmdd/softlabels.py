@@ -1,31 +1,6 @@
 """Compact storage of the teacher's soft labels (relabel writes, evaluate reads, bench measures).
 
-A label set is a directory (`run_paths(out).labels`)::
-
-    labels/manifest.pt        settings every epoch shares: batch size, epochs, seed, augmentation spec,
-                              compression, teacher / synthetic sha256, class labels, barycenter weights
-    labels/epoch_0000.pt      one file per epoch: the compressed logits of every image of every batch,
-                              in replay order (batch 0's images, then batch 1's, ...), and one 8-byte
-                              digest of each batch's augmentation draws
-
-Nothing about the augmentation is stored beyond the digest: it is replayed from (seed, epoch, batch)
-(wmdd/augment.py). The logits are compressed per image with `encode`:
-
-- `topk=None, precision="fp16"`: every logit in fp16 (FKD's format minus the augmentation record).
-- `topk=k`: the k largest logits and their class indices (uint8 / int16 / int32 by class count), plus
-  one fp16 `tail` value, the mean of the other logits, which `decode` writes into the other classes.
-- `rank=r`: a rank-r approximation. Each image's mean logit is removed (fp16 `offset`: softmax, and so
-  the KL, does not depend on it), then the epoch's logits are projected on their r principal directions:
-  one fp16 basis [r, C] and centre [C] per epoch (`shared_*`), and r coefficients per image. At T = 20
-  the KL is close to its high-temperature limit, a squared error between centred logits (Hinton et al.),
-  and the principal-component truncation is the best rank-r approximation in that error; top-k keeps
-  the k largest logits exactly but flattens the other C - k, which carry most of that error.
-- `precision="int8"`: values (logits, top-k values or coefficients) as uint8 codes of an affine map per
-  image (fp16 `lo` and `step`): value = lo + code * step. The error is at most step / 2 = (max - min) / 510.
-
-`encode` sees a whole epoch (the rank-r basis is the epoch's); every other codec is per image, so
-encoding batch by batch gives the same bytes. `decode` always returns float32 logits [n, C], so the loss
-code never sees the compression.
+More: docs/core.md, "wmdd/softlabels.py".
 """
 from __future__ import annotations
 
@@ -119,7 +94,8 @@ def decode(entry: dict, num_classes: int) -> torch.Tensor:
 
 def fidelity(logits: torch.Tensor, entry: dict, num_classes: int) -> dict:
     """How close the stored labels are to the exact logits: the share of images whose top class is kept,
-    the mean KL(exact || stored) at T = 20, and the relative L2 error of the per-image-centred logits."""
+    the mean KL(exact || stored) at T = 20, and the relative L2 error of the per-image-centred logits.
+    (A measure of what compression loses, unweighted; the student's loss is evaluate.py's Eq. KD.)"""
     exact = logits.detach().float().cpu()
     stored = decode(entry, num_classes)
     log_p, log_q = F.log_softmax(exact / 20, dim=1), F.log_softmax(stored / 20, dim=1)
@@ -213,15 +189,9 @@ def write_epoch(labels_dir: str, epoch: int, entry: dict, digests: torch.Tensor,
 
 def epoch_is_current(labels_dir: str, epoch: int, settings: dict) -> bool:
     """True when the epoch file exists, loads, and was made with `settings` (resume skips it)."""
-    path = epoch_path(labels_dir, epoch)
-    if not os.path.isfile(path):
-        return False
-    try:
-        # mmap: only the meta is read, not the epoch's logits (a rerun checks every stored epoch)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return obj["meta"]["settings_key"] == settings_key(settings)
-    except Exception:
-        return False
+    key = settings_key(settings)  # mmap: only the meta is read, not the epoch's logits
+    return artifacts.reuse(epoch_path(labels_dir, epoch), "relabel-epoch",
+                           lambda obj: obj["meta"].get("settings_key") == key, mmap=True) is not None
 
 
 def read_epoch(labels_dir: str, epoch: int, settings: dict) -> dict:

@@ -1,13 +1,7 @@
 """The small image sets a student trains on, in one format: uint8 images [N, 3, S, S] (pixels 0-255,
 not normalised, class-major), int64 labels [N], float32 barycenter weights [N] (uniform: 1 / IPC).
 
-- `load_synthetic`: recover's `synthetic.pt`, checked against the dataset, the teacher and --ipc.
-- `random_real_subset`: IPC real training images per class drawn with a seeded generator, at the model
-  input size (eval transform), quantised to uint8 like the synthetic images: DD-Ranking's random baseline.
-- `full_training_set`: every real training image (held in memory when small, else read on demand):
-  the full-data hard-label student's set (DD-Ranking's HLR reference).
-- `default_batch_size`: the relabel / evaluate batch (run.sh: 100, or 10 * IPC when IPC < 10 except on
-  Tiny-ImageNet and ImageNet-1K).
+More: docs/core.md, "wmdd/subsets.py".
 """
 from __future__ import annotations
 
