@@ -82,6 +82,9 @@ PUBLISHED = {
                "sre2l": {"imagenette": 54.2, "tiny": 38.1, "imagenet": 36.1}},
 }
 PUBLISHED_RESOLUTION = {"imagenette": 224, "tiny": 224, "imagenet": 224}
+PROTOCOL_NOTE = {"released": "every choice as in the authors' released code: docs/protocol.md",
+                 "wmdd": "this project's choices, not the released code's: docs/protocol.md"}
+REPRODUCED_TOL = 1.0  # points: the least |ours - paper| a "✓" allows (else 2 x our std)
 
 # Table III: (row, recover flags, CE, per-class BN, barycenter), as in recover.py's manual.
 ABLATIONS = (
@@ -114,7 +117,9 @@ def get_args_parser():
     p.add_argument("--nproc", type=int, default=1, help="run every stage under torchrun with N processes")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="passed to every stage")
     p.add_argument("--protocol", default=None, choices=["wmdd", "released"],
-                   help="passed to every stage (wmdd/protocol.py; unset: the stages' default, wmdd)")
+                   help="passed to every stage (docs/protocol.md); unset: released for the paper's datasets "
+                        f"({', '.join(PUBLISHED_RESOLUTION)}: the reproduction follows the authors' code), "
+                        "wmdd (this project's choices) for every other dataset, digits' demo included")
     p.add_argument("--dry-run", action="store_true", help="print every stage command it would run, run none")
     p.add_argument("--in-process", action="store_true",
                    help="run each stage's main() in this process (the same commands and files, without an "
@@ -165,6 +170,8 @@ def resolve_args(args) -> None:
     args.ipc = parse_list(args.ipc or "1,10,50,100", "--ipc")
     args.only = parse_list(args.only or ",".join(ITEMS), "--only", str, ITEMS)
     args.seeds = 3 if args.seeds is None else args.seeds
+    if args.protocol is None:
+        args.protocol = "released" if args.dataset in PUBLISHED_RESOLUTION else "wmdd"
     if args.in_process and args.nproc > 1:
         cli.fail("--in-process runs the stages in this one process; drop it to use --nproc (torchrun).")
     if args.seeds < 1 or args.nproc < 1 or args.fig_classes < 1:
@@ -235,7 +242,7 @@ class Commands:
         argv += ["--out", out]
         if a.device != "auto":
             argv += ["--device", a.device]
-        if a.protocol:
+        if a.protocol != "wmdd":  # the stages' default; the digits demo's commands stay as they were
             argv += ["--protocol", a.protocol]
         return argv
 
@@ -566,12 +573,26 @@ def fmt_delta(summary) -> str:
 
 
 def published(args, table: str, *keys):
+    """The paper's value for this cell, or None (another dataset or resolution, or not recorded)."""
     if PUBLISHED_RESOLUTION.get(args.dataset) != args.info.resolution:
-        return "–"
+        return None
     value = PUBLISHED[table]
     for k in keys:
         value = value.get(k, {}) if isinstance(value, dict) else {}
-    return f"{value:.1f}" if isinstance(value, float) else "–"
+    return value if isinstance(value, float) else None
+
+
+def versus(ours, paper) -> str:
+    """The paper's value beside ours: "✓" only when |ours - paper| is within the tolerance, printed with both
+    values; "not run" when this cell has no result here. Tolerance: the larger of 2 x our std and
+    REPRODUCED_TOL points."""
+    if paper is None:
+        return "–"
+    if ours is None:
+        return f"{paper:.2f}: not run"
+    tol = max(2 * ours["std"], REPRODUCED_TOL)
+    mark = "✓" if abs(ours["mean"] - paper) <= tol else "✗"
+    return f"{paper:.2f} {mark} (ours {ours['mean']:.2f}, |Δ| {abs(ours['mean'] - paper):.2f}, tol {tol:.2f})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,7 +690,9 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
              f"Made by `{invocation}`. Our numbers are top-1 (%) on the real validation set after the last "
              f"epoch, mean ± sample std over {args.seeds} student seed(s); the paper's column is its published "
              "value (ResNet-18 students; \"–\" where the paper has none for this dataset or this project does "
-             "not record it). Every number comes from the `results.json` of the command listed under it.", ""]
+             "not record it; \"✓\" only within the printed tolerance). Every number comes from the `results.json` "
+             "of the command listed under it.", "",
+             f"- protocol: `--protocol {args.protocol}` for every stage ({PROTOCOL_NOTE[args.protocol]})"]
     machines = sorted({r["machine"] for r in ledger.records.values() if r.get("machine")})
     lines += [f"- machine: {m}" for m in machines]
     lines += [f"- focus IPC (Tables II-IV, Figs. 2, 4, 6): {k}", ""]
@@ -682,7 +705,7 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
         for ipc in args.ipc:
             r = read_results(cmd.row_dir(ipc, "wmdd"))
             m = r["metrics"]
-            lines.append(f"| {ipc} | {fmt(r['soft'])} | {published(args, 'table1', info.name, ipc)} | {fmt(r['hard'])} | "
+            lines.append(f"| {ipc} | {fmt(r['soft'])} | {versus(r['soft'], published(args, 'table1', info.name, ipc))} | {fmt(r['hard'])} | "
                          f"{fmt(r['random_soft'])} | {fmt(r['random_hard'])} | {fmt_delta(m.get('IOR'))} | "
                          f"{fmt_delta(m.get('HLR'))} | {fmt(m.get('LRS'))} | {fmt(r['soft_best'])} | "
                          f"{'–' if r['full'] is None else format(r['full'], '.2f')} | {r['student']} |")
@@ -714,7 +737,7 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
             r = read_results(cmd.row_dir(k, name))
             tick = lambda b: "✓" if b else "–"  # noqa: E731
             lines.append(f"| {name} | {tick(ce)} | {tick(per_class)} | {tick(bary)} | {fmt(r['soft'])} | "
-                         f"{fmt(r['hard'])} | {published(args, 'table3', name, info.name) if k == 10 else '–'} |")
+                         f"{fmt(r['hard'])} | {versus(r['soft'], published(args, 'table3', name, info.name)) if k == 10 else '–'} |")
         lines += commands(*(f"ipc{k}/{name}" for name, *_ in ABLATIONS))
 
     if "fig2" in only:
@@ -763,6 +786,8 @@ def write_paper(args, cmd: Commands, plan: Plan, ledger: Ledger, rows: list, inv
             total += wall or 0.0
             lines.append(f"| `{step.key}` | {fmt_duration(wall)} |")
     lines += [f"| total | {fmt_duration(total)} |", ""]
+    lines = [f"{line} (--protocol {args.protocol})" if line.startswith(("## Table", "## Fig")) else line
+             for line in lines]
     path = os.path.join(args.out, "PAPER.md")
     return artifacts.write_text(path, "\n".join(lines))
 

@@ -257,3 +257,25 @@ def test_killed_mid_row_and_rerun_ends_with_the_uninterrupted_numbers(tmp_path):
                           env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _table1_numbers(run) == _table1_numbers(reference)
+
+
+def test_the_protocol_defaults_to_the_released_one_for_the_papers_datasets(tmp_path):
+    from tests.conftest import make_folder_tree
+
+    root = make_folder_tree(tmp_path / "imagenette2", num_classes=2, train_per_class=1, val_per_class=1)["root"]
+    for argv, expected in ((["--dataset", "imagenette", "--data-dir", root], "released"),
+                           (["--dataset", "imagenette", "--data-dir", root, "--protocol", "wmdd"], "wmdd"),
+                           (["--dataset", "digits"], "wmdd")):
+        args = paper.get_args_parser().parse_args(argv + ["--out", str(tmp_path / "out")])
+        paper.resolve_args(args)
+        assert args.protocol == expected
+        flags = paper.Commands(args).common(str(tmp_path / "out"))
+        assert (["--protocol", "released"] == flags[-2:]) == (expected == "released")
+
+
+def test_a_tick_beside_a_paper_value_carries_both_values_and_the_tolerance():
+    assert paper.versus({"mean": 64.1, "std": 0.2}, 64.8) == "64.80 ✓ (ours 64.10, |Δ| 0.70, tol 1.00)"
+    assert paper.versus({"mean": 62.0, "std": 1.5}, 64.8) == "64.80 ✓ (ours 62.00, |Δ| 2.80, tol 3.00)"
+    assert paper.versus({"mean": 60.0, "std": 0.1}, 64.8).startswith("64.80 ✗")
+    assert paper.versus(None, 64.8) == "64.80: not run"
+    assert paper.versus({"mean": 60.0, "std": 0.1}, None) == "–"
