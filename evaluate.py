@@ -10,6 +10,8 @@ learns from the stored soft labels (`--labels stored`, default), the teacher on 
 the class labels (`hard`, CutMix-mixed cross-entropy), with AdamW and a cosine schedule per epoch.
 The KD loss: sum_i w_i KL(softmax(t_i / T) || softmax(s_i / T)) / n, T = 20, w_i the image's barycenter
 weight normalised to mean 1 (`soft_kl` below; uniform weights give the released loss exactly).
+`--recipe dc|dsa` trains every student with the classic DC / DSA / DM recipe instead (wmdd/classic.py: a
+ConvNet-IN, SGD on the class labels, 300 epochs / 1000 with DSA augmentation; docs/evaluate.md).
 
 Baselines (`--baseline`, a comma list or `none`; wmdd/baselines.py, every name in `--help`): `random`
 (IPC random real images per class, a new subset per seed, soft and hard labels), `full` (the whole
@@ -41,8 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from wmdd import (artifacts, augment, baselines, cli, data, dist, engine, metrics, models, protocol, softlabels, students,
-                  subsets)
+from wmdd import (artifacts, augment, baselines, classic, cli, data, dist, engine, metrics, models, protocol, softlabels,
+                  students, subsets)
 
 
 def get_args_parser():
@@ -53,6 +55,10 @@ def get_args_parser():
     g.add_argument("--student", default=None,
                    help="architecture: one of the project's (resnet18, resnet50, resnet101, convnet, vit_tiny) or any "
                         "classification model of torchvision's registry (mobilenet_v2, swin_t, ...); default: the preset's")
+    g.add_argument("--recipe", default="kd", choices=classic.RECIPE_NAMES,
+                   help="kd: the SRe2L/WMDD soft-label recipe below; dc / dsa: the classic recipe of DC / DSA / DM "
+                        "(ConvNet-IN student, SGD on hard labels, 300 epochs / 1000 with DSA augmentation; "
+                        "wmdd/classic.py)")
     g.add_argument("--labels", default="stored", choices=["stored", "online", "hard"], help="label source")
     g.add_argument("--loss", default="kl", choices=["kl", "mse_gt"], help="soft-label loss")
     g.add_argument("--gt-weight", type=float, default=0.1, help="weight of the class-label CE in --loss mse_gt")
@@ -208,6 +214,7 @@ def main(args):
 def run(args, info, world, device, t0):
     log = world.print
     args.out = cli.default_out(args)
+    classic.resolve(args)  # --recipe dc / dsa: hard labels, ConvNet-IN, the recipe's epochs, lr, batch
     args.student = args.student or info.arch
     students.check_flags(args)
     cli.seed_everything(args.seed)
@@ -265,8 +272,9 @@ def run(args, info, world, device, t0):
     records = {}
     for job, rec in zip(jobs, students.finished_records(jobs, world, paths.students)):
         if rec is None:
-            rec = train_student(job.iset, job.source, args, info, job.spec, job.plan, device, val_loader, job.seed,
-                                desc=f"{job.key} seed {job.seed}", world=world)
+            rec = classic.train_job(job, args, info, device, val_loader, world) if args.recipe != "kd" else \
+                train_student(job.iset, job.source, args, info, job.spec, job.plan, device, val_loader, job.seed,
+                              desc=f"{job.key} seed {job.seed}", world=world)
             if world.is_main:
                 students.save_record(job, rec)
         records[(job.key, job.seed)] = rec

@@ -7,7 +7,7 @@ class barycenters (WMDD §III).
     python recover.py --dataset imagenette --data-dir /data/imagenette2 --ipc 10 --sre2l   # the baseline
 
 Reads teacher.pt, bn_stats.pt (squeeze.py) and barycenters.pt (barycenter.py) from --out; writes
-synthetic.pt (uint8 images [C*IPC, 3, H, W], class-major, labels, atom weights, loss curves) and
+synthetic.pt (uint8 images [C*IPC, channels, H, W], class-major, labels, atom weights, loss curves) and
 images/<class>/<class>_<j>.png. Image j of class c is tied to barycenter atom j of class c
 (f = the teacher's penultimate feature):
 
@@ -206,7 +206,7 @@ class BatchOptimizer:
         self.iterations, self.lr, self.size = args.iterations, args.lr, info.image_size
         self.x = x0.clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.x], lr=args.lr, betas=(0.5, 0.9), eps=1e-8)
-        mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+        mean, std = torch.tensor(info.mean).view(1, -1, 1, 1), torch.tensor(info.std).view(1, -1, 1, 1)
         self.lo, self.hi = ((0 - mean) / std).to(x0.device), ((1 - mean) / std).to(x0.device)
         # a batch larger than --batch-size is one class (ipc > batch size): back-propagated in chunks
         n = x0.shape[0]
@@ -236,7 +236,7 @@ class BatchOptimizer:
 
 def recover_batch(objective: Objective, x0: torch.Tensor, tg: Targets, args, info, gen: torch.Generator,
                   bar=None, where: str = "") -> tuple:
-    """Optimise the normalised images x0 [n, 3, S, S] (class-major, matched to tg) for --iterations steps.
+    """Optimise the normalised images x0 [n, channels, S, S] (class-major, matched to tg) for --iterations steps.
     Returns (final images, loss curve [iterations, len(TERMS)] on the device)."""
     opt = BatchOptimizer(objective, x0, tg, args, info)
     curve = torch.zeros(args.iterations, len(TERMS), device=x0.device)
@@ -259,9 +259,9 @@ def recover_group(group: Group, objective: Objective, inputs, args, info, device
     """Recover every image of the classes of `group`. Returns the shard payload (uint8 images etc.)."""
     _, _, bn, points, weights = inputs
     classes = list(range(group.start, group.stop))
-    G, S, ipc = len(classes), info.image_size, args.ipc
+    G, S, ipc, K = len(classes), info.image_size, args.ipc, info.channels
     per_class = args.bn == "per-class"
-    out = torch.empty(G, ipc, 3, S, S)
+    out = torch.empty(G, ipc, K, S, S)
     curves, rows = [], []
     for j in group.batches:
         gen = augment.recover_generator(args.seed, group.start, j)
@@ -269,12 +269,12 @@ def recover_group(group: Group, objective: Objective, inputs, args, info, device
             labels = torch.tensor(classes).repeat_interleave(ipc)
             atoms = points[group.start:group.stop].reshape(G * ipc, -1) if points is not None else None
             x0 = torch.cat([real.of_class(c) for c in classes]) if real is not None \
-                else torch.randn(G * ipc, 3, S, S, generator=gen)
+                else torch.randn(G * ipc, K, S, S, generator=gen)
         else:  # ipc-major: image j of every class of the group
             labels = torch.tensor(classes)
             atoms = points[group.start:group.stop, j] if points is not None else None
             x0 = torch.stack([real.of_class(c, j) for c in classes]) if real is not None \
-                else torch.randn(G, 3, S, S, generator=gen)
+                else torch.randn(G, K, S, S, generator=gen)
         bn_mean, bn_var = ([], []) if bn is None else (bn["mean"], bn["var"])
         if per_class:  # the statistics of the group's own classes
             bn_mean, bn_var = [t[group.start:group.stop] for t in bn_mean], [t[group.start:group.stop] for t in bn_var]
@@ -283,12 +283,12 @@ def recover_group(group: Group, objective: Objective, inputs, args, info, device
         x, curve = recover_batch(objective, x0.to(device), tg, args, info, gen, bar, where)
         x = x.float().cpu()
         if j is None:
-            out[:] = x.view(G, ipc, 3, S, S)
+            out[:] = x.view(G, ipc, K, S, S)
         else:
             out[:, j] = x
         curves.append(curve.cpu())
         rows.append([group.start, group.stop, -1 if j is None else j])
-    images, encoded = protocol.store_images(info.denormalize(out.view(G * ipc, 3, S, S)), args)
+    images, encoded = protocol.store_images(info.denormalize(out.view(G * ipc, K, S, S)), args)
     stacked = torch.stack(curves)  # [batches, iterations, terms]
     return {"images": images, "labels": torch.tensor(classes).repeat_interleave(ipc),
             "weights": weights[group.start:group.stop].reshape(-1).float().clone(), "ipc": ipc,

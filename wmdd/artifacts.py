@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torchvision.utils import save_image
 
 from wmdd import __version__, data, protocol
@@ -245,12 +246,13 @@ def check_compatible(meta: dict, info, path, upstream: dict | None = None) -> No
 
 
 def write_images(images: torch.Tensor, labels: torch.Tensor, info, ipc: int, root: str, encoded=None) -> None:
-    """images/<class>/<class>_<j>.png (j zero-padded so that file order is image order); with `encoded`
+    """images/<class>/<class>_<j>.png (j zero-padded so that file order is image order; a "/" in a class
+    name, as Fashion-MNIST's "T-shirt/top", written "_"); 1-channel images as grayscale PNGs. With `encoded`
     (--image-format jpeg: each image's JPEG bytes, which decode to `images`) <class>_<j>.jpg instead."""
     width = len(str(ipc - 1))
     index = torch.arange(labels.numel())
     for c in labels.unique().tolist():
-        name = info.classes[c]
+        name = info.classes[c].replace("/", "_").replace(os.sep, "_")
         folder = os.path.join(root, name)
         os.makedirs(folder, exist_ok=True)
         for ext in ("png", "jpg"):
@@ -261,6 +263,8 @@ def write_images(images: torch.Tensor, labels: torch.Tensor, info, ipc: int, roo
             if encoded is not None:
                 with open(path + ".jpg", "wb") as fh:
                     fh.write(encoded[i])
+            elif images.shape[1] == 1:
+                Image.fromarray(images[i, 0].to(torch.uint8).numpy()).save(path + ".png")
             else:
                 save_image(images[i].float().div(255), path + ".png")
 

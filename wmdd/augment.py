@@ -203,8 +203,8 @@ def resize_matrices(start: torch.Tensor, length: torch.Tensor, in_size: int, out
 
 
 def apply_batch(images: torch.Tensor, params: BatchParams, spec: AugmentSpec, mean, std) -> torch.Tensor:
-    """The augmented, normalised batch float32 [n, 3, S, S] from stored uint8 (or [0, 1] float) images
-    [N, 3, H, W] (on any device): crop -> resize -> flip per image (as two batched matmuls), normalise,
+    """The augmented, normalised batch float32 [n, C, S, S] from stored uint8 (or [0, 1] float) images
+    [N, C, H, W] (on any device): crop -> resize -> flip per image (as two batched matmuls), normalise,
     then CutMix."""
     S = spec.out_size
     idx = params.index.to(images.device)
@@ -263,7 +263,7 @@ class ReplaySampler(Sampler):
 
 class ReplayDataset(Dataset):
     """Key (epoch, batch) -> the augmented batch and its draws. Use with DataLoader(batch_size=None,
-    sampler=ReplaySampler(...)); `images` are the stored uint8 images [N, 3, H, W] (CPU)."""
+    sampler=ReplaySampler(...)); `images` are the stored uint8 images [N, C, H, W] (CPU)."""
 
     def __init__(self, images: torch.Tensor, plan: ReplayPlan, spec: AugmentSpec, mean, std):
         if images.shape[-1] != spec.source_size or images.shape[-2] != spec.source_size:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from wmdd import coreset, subsets
+from wmdd import classic, coreset, subsets
 from wmdd.cli import fail
 
 
@@ -37,6 +37,18 @@ BASELINES = {
                         lambda info, args, ipc, seed: _coreset(info, args, ipc, "hardest"),
                         "hardest-in-cell coreset (no recover)",
                         "the image of each atom's cell with the smallest teacher margin, without recover"),
+    # DC's coreset baselines (Zhao et al. 2021, Sec. 4): per class on the features of a network trained on the
+    # whole training set; here the project teacher's penultimate features (features.pt, or computed)
+    "herding": Baseline("herding", False, ("soft", "hard"),
+                        lambda info, args, ipc, seed: classic.coreset_baseline(info, args, ipc, "herding"),
+                        "herding coreset (teacher features)",
+                        "per class, herding on the teacher's features as DC's baseline: each pick brings the "
+                        "running mean of the picked features closest to the class mean"),
+    "kcenter": Baseline("kcenter", False, ("soft", "hard"),
+                        lambda info, args, ipc, seed: classic.coreset_baseline(info, args, ipc, "kcenter"),
+                        "k-center coreset (teacher features)",
+                        "per class, greedy k-center on the teacher's features as DC's baseline: the point nearest "
+                        "the class mean, then each time the point farthest from the chosen ones"),
 }
 
 

@@ -26,13 +26,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, ipc: bool = False) -> ar
     """Flags every stage takes. Defaults that depend on the dataset preset are None and resolved later."""
     g = parser.add_argument_group("common")
     g.add_argument("--dataset", default="digits",
-                   help="dataset preset: digits, tiny, imagenette, imagenet, cifar10, cifar100, folder")
+                   help="dataset preset: digits, tiny, imagenette, imagenet, cifar10, cifar100, fashion_mnist, folder")
     g.add_argument("--data-dir", default=None,
                    help="dataset root (not needed for digits); default $WMDD_DATA/<release folder name>, e.g. "
                         "tiny-imagenet-200, imagenette2, imagenet, cifar (./data/<name> when WMDD_DATA is unset)")
     g.add_argument("--resolution", type=int, default=None,
                    help="protocol resolution; tiny: 224 (WMDD, upsampled) or 64 (SRe2L/RDED); digits: 16 or 32")
-    g.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR")
+    g.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR or Fashion-MNIST")
     g.add_argument("--out", default=None, help="run directory (default runs/<dataset>/default)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     g.add_argument("--seed", type=int, default=0, help="every random choice flows from this seed")

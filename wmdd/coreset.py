@@ -175,7 +175,7 @@ class RealImages:
                      f"--init noise, or --ipc {n} or less.")
 
     def of_class(self, c: int, index=None) -> torch.Tensor:
-        """The IPC starting images of class c [IPC, 3, S, S], or only image `index` [3, S, S]."""
+        """The IPC starting images of class c [IPC, channels, S, S], or only image `index`."""
         if self.chosen is not None:
             pick = self.chosen[c].tolist()
             return self.ds[pick[index]][0] if index is not None else torch.stack([self.ds[i][0] for i in pick])

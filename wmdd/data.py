@@ -12,10 +12,12 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 from torch.utils.data import Dataset
 
+from wmdd import idx
 from wmdd.cli import fail
 from wmdd.presets import PRESETS, DatasetInfo, Preset, get_preset
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+DOWNLOADABLE = ("cifar10", "cifar100", "fashion_mnist")  # torchvision fetches them with --download
 
 
 def preset_defaults(args: argparse.Namespace, stage: str) -> argparse.Namespace:
@@ -68,8 +70,9 @@ def resolve(args: argparse.Namespace) -> DatasetInfo:
     if preset.needs_data_dir:
         if not root:
             root = args.data_dir = default_data_dir(preset, getattr(args, "download", False))
-        elif not os.path.isdir(root) and not (preset.name.startswith("cifar") and getattr(args, "download", False)):
-            _layout_error(preset, root, f"the data directory {root} does not exist")
+        elif not os.path.isdir(root) and not (preset.name in DOWNLOADABLE and getattr(args, "download", False)):
+            _layout_error(preset, root, f"the data directory {root} does not exist"
+                          + (f". Get it: {idx.GET}" if preset.name == "fashion_mnist" else ""))
     if args.resolution is None:
         args.resolution = preset.resolutions[0]
     if args.resolution not in preset.resolutions:
@@ -82,6 +85,11 @@ def resolve(args: argparse.Namespace) -> DatasetInfo:
         classes = _tiny_classes(root)
     elif preset.name in ("cifar10", "cifar100"):
         classes = tuple(_cifar(preset.name, root, train=False, download=getattr(args, "download", False)).classes)
+    elif preset.name == "fashion_mnist":
+        if getattr(args, "download", False) and not idx.present(root):
+            idx.download(root)
+        idx.locate(root)  # all four files there (read and checked when a stage loads a split)
+        classes = tuple(idx.FASHION.classes)
     else:
         classes = _folder_classes(preset, root)
     if preset.num_classes is not None and preset.name in ("imagenette", "imagenet") \
@@ -98,24 +106,27 @@ def resolve(args: argparse.Namespace) -> DatasetInfo:
 
 
 def default_data_dir(preset: Preset, download: bool = False) -> str:
-    """--data-dir when not given: $WMDD_DATA/<the release's folder name>, then ./data/<folder name>; the
-    first that exists (CIFAR with --download: the first place, created by torchvision)."""
+    """--data-dir when not given: $WMDD_DATA/<the release's folder name>, then ./data/<folder name>, then
+    the system package's folder (Fashion-MNIST); the first that exists (with --download: the first place,
+    created by torchvision)."""
     if preset.folder is None:
         _layout_error(preset, None, f"--dataset {preset.name} needs --data-dir (it has no default folder name)")
     places = []
     if os.environ.get("WMDD_DATA"):
         places.append(os.path.join(os.environ["WMDD_DATA"], preset.folder))
     places.append(os.path.join("data", preset.folder))
+    places += [preset.system_dir] if preset.system_dir else []
     for place in places:
         if os.path.isdir(place):
             return place
-    if download and preset.name.startswith("cifar"):
+    if download and preset.name in DOWNLOADABLE:
         return places[0]
     fail(f"--dataset {preset.name}: no --data-dir was given, and no dataset folder was found at "
          f"{' or '.join(places)} "
          f"({'WMDD_DATA=' + os.environ['WMDD_DATA'] if os.environ.get('WMDD_DATA') else 'WMDD_DATA is unset'}). "
          f"Put the dataset there as {preset.layout.format(root='<that folder>')}, set WMDD_DATA to the folder "
-         f"holding {preset.folder}/, or pass --data-dir.")
+         f"holding {preset.folder}/, or pass --data-dir."
+         + (f" Get the files: {idx.GET}." if preset.name == "fashion_mnist" else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +135,7 @@ def default_data_dir(preset: Preset, download: bool = False) -> str:
 
 def source_size(info: DatasetInfo) -> int | None:
     """Native image size of the stored files when known (tiny: 64, digits: 8 -> upsampled, cifar: 32)."""
-    return {"tiny": 64, "cifar10": 32, "cifar100": 32}.get(info.name)
+    return {"tiny": 64, "cifar10": 32, "cifar100": 32, "fashion_mnist": 28}.get(info.name)
 
 
 def train_transform(info: DatasetInfo) -> T.Compose:
@@ -192,7 +203,7 @@ class ImageList(Dataset):
 
 
 class TensorImages(Dataset):
-    """Images already in memory as float [N, 3, H, W] in [0, 1]; the transform sees the tensor."""
+    """Images already in memory as float [N, C, H, W] in [0, 1] or uint8; the transform sees the tensor."""
 
     def __init__(self, images: torch.Tensor, targets: list, classes: tuple, transform=None):
         self.images = images
@@ -280,13 +291,16 @@ def _digits(info: DatasetInfo, split: str) -> TensorImages:
 
 def build_dataset(info: DatasetInfo, args: argparse.Namespace, split: str = "train", augment: bool = False):
     """The real `split` ('train' or 'val') with the training (augment=True) or eval transform.
-    Items are (normalised float tensor [3, S, S], int label); `.targets` lists the labels."""
+    Items are (normalised float tensor [C, S, S], int label); `.targets` lists the labels."""
     transform = train_transform(info) if augment else eval_transform(info)
     if info.name == "digits":
         ds = _digits(info, split)
         ds.transform = transform
     elif info.name == "tiny":
         ds = ImageList(_tiny_samples(info, split), info.classes, transform)
+    elif info.name == "fashion_mnist":  # uint8 [N, 1, 28, 28]: one channel, native size
+        images, labels = idx.load(info.data_dir, split)
+        ds = TensorImages(images, labels.tolist(), info.classes, transform)
     elif info.name in ("cifar10", "cifar100"):
         raw = _cifar(info.name, info.data_dir, train=split == "train", download=getattr(args, "download", False))
         ds = CifarImages(raw, info.classes, transform)

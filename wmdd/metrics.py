@@ -174,9 +174,10 @@ def markdown(report: dict) -> str:
     c = report["config"]
     seeds = c["seeds_used"]
     head = "| " + " | ".join(f"seed {s}" for s in seeds) + " |"
+    recipe = f"T = {c['temperature']}, loss {c['loss']}" if c.get("recipe", "kd") == "kd" else \
+        f"recipe {c['recipe']} (hard labels, SGD lr {c['lr']:g}, weight decay {c['weight_decay']:g})"
     lines = [f"## evaluate: {c['dataset']} (resolution {c['resolution']}), IPC {c['ipc']}, student {c['student']}, "
-             f"{c['seeds']} seed(s), {c['epochs']} epochs, batch {c['batch_size']}, T = {c['temperature']}, "
-             f"loss {c['loss']}", "",
+             f"{c['seeds']} seed(s), {c['epochs']} epochs, batch {c['batch_size']}, {recipe}", "",
              "Top-1 (%) on the real validation set: per seed the last epoch's (the best validated epoch's in "
              "brackets); then mean ± std of each.", "",
              "| images | labels " + head + " last epoch | best epoch | top-5, last |",

@@ -13,7 +13,15 @@ from wmdd import artifacts
 from wmdd.cli import fail
 
 ARCHES = ("resnet18", "resnet50", "resnet101", "convnet", "vit_tiny")
-STEMS = ("imagenet", "tiny224", "small")
+STEMS = ("imagenet", "tiny224", "small", "gray")
+# Input channels of a stem (3 otherwise). "gray": one channel (Fashion-MNIST, native 28 px); ConvNet pads its
+# first conv by 3 as DC's ConvNet does for 1-channel input (28 -> 32, so three 2x2 pools give 4x4); every
+# other family takes `small`'s stem with its first convolution reading one channel.
+STEM_CHANNELS = {"gray": 1}
+
+
+def stem_channels(stem: str) -> int:
+    return STEM_CHANNELS.get(stem, 3)
 
 
 def torchvision_students() -> list:
@@ -27,12 +35,13 @@ def student_names() -> list:
 
 
 class ConvNet(nn.Module):
-    def __init__(self, num_classes: int, image_size: int, depth: int = 3, width: int = 128, channels: int = 3):
+    def __init__(self, num_classes: int, image_size: int, depth: int = 3, width: int = 128, channels: int = 3,
+                 first_padding: int = 1):
         super().__init__()
-        layers, c, size = [], channels, image_size
-        for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+        layers, c, size = [], channels, image_size + 2 * (first_padding - 1)
+        for d in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=first_padding if d == 0 else 1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
             c, size = width, size // 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * size * size, num_classes)
@@ -52,15 +61,18 @@ def model_spec(arch: str, num_classes: int, stem: str, image_size: int) -> dict:
 
 
 def build_model(arch: str, num_classes: int, stem: str = "imagenet", image_size: int = 224) -> nn.Module:
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+    channels = stem_channels(stem)
     if arch == "convnet":
-        return ConvNet(num_classes, image_size)
+        return ConvNet(num_classes, image_size, channels=channels, first_padding=3 if stem == "gray" else 1)
+    if channels != 3:
+        return _in_channels(build_model(arch, num_classes, "small", image_size), channels)
     if arch == "vit_tiny":
         patch = 16 if image_size >= 128 else (8 if image_size >= 64 else 4)
         return torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch, num_layers=12,
                                                     num_heads=3, hidden_dim=192, mlp_dim=768,
                                                     num_classes=num_classes)
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
     if arch not in ARCHES and arch not in torchvision_students():
         raise ValueError(f"unknown architecture {arch!r}; choose one of {student_names()}")
     if arch.startswith("vit_") and stem == "small":
@@ -73,6 +85,17 @@ def build_model(arch: str, num_classes: int, stem: str = "imagenet", image_size:
         model.maxpool = nn.Identity()
     elif stem == "small":
         _small_stem(model)
+    return model
+
+
+def _in_channels(model: nn.Module, channels: int) -> nn.Module:
+    """The model with its first convolution (the stem's, first in module order in every family here)
+    rebuilt to read `channels` input channels, its other settings kept."""
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.Conv2d(
+        channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode))
     return model
 
 

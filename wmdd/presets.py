@@ -52,10 +52,13 @@ class Preset:
     flip: bool = True                # horizontal flips are label-preserving (not for digits)
     needs_data_dir: bool = True
     folder: str | None = None        # the release's folder name: the default --data-dir is $WMDD_DATA/<folder>
+    system_dir: str | None = None    # where a system package installs it: the last default --data-dir
     # per resolution: (mean, std) and stage defaults that replace the preset's (tiny 64: SRe2L's Tiny recipe)
     norm_by_resolution: dict = field(default_factory=dict)
     stages_by_resolution: dict = field(default_factory=dict)
 
+
+FMNIST_EPOCHS = 3  # placeholder, set from the measured teacher runs
 
 _FOLDER_LAYOUT = "{root}/train/<class>/<image> and {root}/val/<class>/<image> (one folder per class)"
 
@@ -97,6 +100,23 @@ PRESETS = {
         "cifar100", (32,), (0.5071, 0.4865, 0.4409), (0.267, 0.256, 0.276), "resnet18", {32: "small"},
         "torchvision's CIFAR-100 files under {root} (cifar-100-python/); pass --download to fetch",
         num_classes=100, folder="cifar"),
+    # Fashion-MNIST: native 28 px, ONE channel (images [N, 1, 28, 28] at every stage, no RGB, no upsampling);
+    # the dataset's own normalisation (DC's code). Teacher: DC's ConvNet-3 (width 128, BatchNorm) with its
+    # 1-channel stem, the first conv padded by 3 (28 -> 32: three 2x2 pools give 4x4; stem "gray"). Augment:
+    # crops of 50-100% of the area (half a garment still shows what it is; the 8% crops of ImageNet show a
+    # patch of fabric) and horizontal flips (clothing is left-right symmetric: label-preserving).
+    # Teacher recipe measured (2 CPU cores): see docs/presets.md.
+    "fashion_mnist": Preset(
+        "fashion_mnist", (28,), (0.2861,), (0.3530,), "convnet", {28: "gray"},
+        "the four original files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
+        "and t10k-labels-idx1-ubyte.gz (gzipped or not) in {root} itself, or in {root}/FashionMNIST/raw/ "
+        "(torchvision's layout)",
+        stages=_stages(squeeze=dict(epochs=FMNIST_EPOCHS, lr=0.05, batch_size=128, weight_decay=5e-4),
+                       recover=dict(iterations=200, lr=0.1, lambda_bn=10.0, batch_size=100),
+                       relabel=dict(epochs=60, batch_size=100),
+                       evaluate=dict(epochs=60, batch_size=100)),
+        num_classes=10, crop_scale=(0.5, 1.0), flip=True, folder="fashion-mnist",
+        system_dir="/usr/share/datasets/fashion-mnist"),
     "folder": Preset(
         "folder", (224, 64, 32), IMAGENET_MEAN, IMAGENET_STD, "resnet18",
         {224: "imagenet", 64: "small", 32: "small"}, _FOLDER_LAYOUT),
@@ -122,6 +142,11 @@ class DatasetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        """Image channels: 3 (RGB; digits' gray pixels are repeated), 1 for a grayscale preset."""
+        return len(self.mean)
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] -> the model's input space."""

@@ -152,16 +152,20 @@ def quantise(pixels01: torch.Tensor, rounding: str) -> torch.Tensor:
 
 
 def jpeg_round_trip(images: torch.Tensor, quality: int) -> tuple:
-    """uint8 [N, 3, H, W] -> (the pixels PIL decodes from each image's JPEG at `quality`, the JPEG bytes):
-    what the released relabel / training read back from recover's .jpg files."""
+    """uint8 [N, 3, H, W] (or [N, 1, H, W]: grayscale JPEGs) -> (the pixels PIL decodes from each image's
+    JPEG at `quality`, the JPEG bytes): what the released relabel / training read back from recover's .jpg
+    files."""
 
     decoded, encoded = [], []
+    gray = images.shape[1] == 1
     for img in images:
         buf = io.BytesIO()
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=quality)
+        Image.fromarray(img[0].numpy() if gray else img.permute(1, 2, 0).numpy()).save(buf, format="JPEG",
+                                                                                      quality=quality)
         encoded.append(buf.getvalue())
         with Image.open(io.BytesIO(encoded[-1])) as im:
-            decoded.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+            pixels = np.asarray(im.convert("L"))[None] if gray else np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+            decoded.append(torch.from_numpy(pixels.copy()))
     return torch.stack(decoded).contiguous(), encoded
 
 

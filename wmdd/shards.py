@@ -233,7 +233,7 @@ def load_inputs(args, info, device, paths):
                      f"[{info.num_classes} classes, {args.ipc} atoms (= --ipc), d]. Rerun barycenter.py with "
                      f"--ipc {args.ipc} (or pass the --ipc it was made with).")
         with torch.no_grad():
-            probe = torch.zeros(1, 3, info.image_size, info.image_size, device=device)
+            probe = torch.zeros(1, info.channels, info.image_size, info.image_size, device=device)
             d = models.penultimate(model, probe).shape[1]
         if points.shape[2] != d:
             cli.fail(f"{path} holds {points.shape[2]}-d atoms, but this teacher's penultimate feature is {d}-d. "

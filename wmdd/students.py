@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wmdd import artifacts, augment, cli, dist, models, softlabels, subsets
+from wmdd import artifacts, augment, classic, cli, dist, models, softlabels, subsets
 
 
 def is_full_data(key: str) -> bool:
@@ -24,7 +24,7 @@ def is_full_data(key: str) -> bool:
 # the settings a full-data student depends on: the recipe and the dataset, not the synthetic set, the
 # teacher, the labels or the IPC, so one is trained per dataset, student architecture and recipe
 FULL_DATA_RECIPE = ("dataset", "resolution", "student", "epochs", "full_batch_size", "lr", "weight_decay", "eval_every",
-                    "protocol")
+                    "protocol", "recipe")
 
 
 def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
@@ -33,6 +33,8 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
               if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
                            "val_batch_size", "teacher", "synthetic", "full_data_acc", "hlr_reference", "ars",
                            "labels_dir", "full_data_dir")}
+    if config.get("recipe") == "kd":  # the default recipe: the fingerprints of the files written before --recipe
+        config.pop("recipe")
     if is_full_data(key):
         config = {k: v for k, v in config.items() if k in FULL_DATA_RECIPE}
     else:  # the IPC's batch is the others' own
@@ -51,9 +53,11 @@ def check_flags(args) -> None:
     """Bad flag values, refused before anything is read or written."""
     if args.seeds < 1:
         cli.fail(f"--seeds must be at least 1, got {args.seeds}.")
-    if args.student not in models.student_names():
+    classic_student = getattr(args, "recipe", "kd") != "kd" and args.student in classic.STUDENTS
+    if args.student not in models.student_names() and not classic_student:
         cli.fail(f"--student {args.student!r} is not an architecture this project can build. Valid names: the "
-                 f"project's {', '.join(models.ARCHES)}; torchvision's classification models "
+                 f"project's {', '.join(models.ARCHES)} (and {', '.join(classic.STUDENTS)} under --recipe dc / dsa); "
+                 "torchvision's classification models "
                  f"{', '.join(n for n in models.torchvision_students() if n not in models.ARCHES)}.")
     if args.full_data_acc is not None and not 0.0 <= args.full_data_acc <= 100.0:
         cli.fail(f"--full-data-acc {args.full_data_acc:g} is outside [0, 100]: it is the full-data hard-label "
@@ -218,6 +222,8 @@ def student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, 
     soft_desc = {"stored": "soft, stored", "online": "soft, teacher online", "hard": "hard"}[args.labels]
     hard_desc = "hard, soft recipe's augmentation (--hard-label-aug)" if args.hard_label_aug else \
         "hard, no augmentation (DD-Ranking)"
+    if getattr(args, "recipe", "kd") != "kd":
+        hard_desc = classic.describe(args)
     online = lambda: OnlineLabels(teacher, info.num_classes, topk, precision, rank)  # noqa: E731
     jobs = []
 

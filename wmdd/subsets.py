@@ -1,4 +1,4 @@
-"""The small image sets a student trains on, in one format: uint8 images [N, 3, S, S] (pixels 0-255,
+"""The small image sets a student trains on, in one format: uint8 images [N, C, S, S] (pixels 0-255,
 not normalised, class-major), int64 labels [N], float32 barycenter weights [N] (uniform: 1 / IPC).
 
 More: docs/core.md, "wmdd/subsets.py".
@@ -17,7 +17,7 @@ from wmdd.cli import fail
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor   # uint8 [N, 3, S, S]
+    images: torch.Tensor   # uint8 [N, C, S, S] (C = info.channels)
     labels: torch.Tensor   # int64 [N]
     weights: torch.Tensor  # float32 [N]
     ipc: int
@@ -47,9 +47,9 @@ def load_synthetic(path, info, ipc: int | None = None, teacher_path=None) -> Ima
              "Regenerate it with recover.py.")
     images, labels = art["images"], art["labels"].to(torch.int64)
     S = info.image_size
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        fail(f"{path} holds images {images.dtype} {tuple(images.shape)}; expected uint8 [N, 3, {S}, {S}]. "
-             "Regenerate it with recover.py.")
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != info.channels:
+        fail(f"{path} holds images {images.dtype} {tuple(images.shape)}; expected uint8 "
+             f"[N, {info.channels}, {S}, {S}]. Regenerate it with recover.py.")
     if tuple(images.shape[2:]) != (S, S):
         fail(f"{path} holds {images.shape[2]}x{images.shape[3]} images, but this run's model input is {S}x{S} "
              f"(--dataset {info.name} --resolution {info.resolution}). Pass the --resolution it was made "
@@ -77,22 +77,36 @@ def _exists(path) -> bool:
     return os.path.isfile(path)
 
 
-def random_real_subset(info, args, ipc: int, seed: int) -> ImageSet:
-    """IPC real training images of every class, chosen by a generator seeded with `seed`."""
-    ds = data.build_dataset(info, args, "train", augment=False)
-    per_class = data.class_indices(ds.targets, info.num_classes)
+def random_indices(targets, num_classes: int, ipc: int, seed: int, class_names=None) -> list:
+    """IPC dataset indices of every class (class-major, sorted within a class), drawn by a generator
+    seeded with `seed`: the random real subset of seed `seed`."""
+    per_class = data.class_indices(targets, num_classes)
     g = torch.Generator().manual_seed(seed * 7919 + 17)
-    chosen, labels = [], []
+    chosen = []
     for c, idx in enumerate(per_class):
         if len(idx) < ipc:
-            fail(f"class {info.classes[c]} has only {len(idx)} training images, fewer than --ipc {ipc}: the "
+            name = class_names[c] if class_names else c
+            fail(f"class {name} has only {len(idx)} training images, fewer than --ipc {ipc}: the "
                  "random real baseline needs IPC images per class. Lower --ipc or pass --baseline none.")
         pick = torch.randperm(len(idx), generator=g)[:ipc].sort().values
         chosen += [idx[int(i)] for i in pick]
-        labels += [c] * ipc
+    return chosen
+
+
+def random_real_subset(info, args, ipc: int, seed: int) -> ImageSet:
+    """IPC real training images of every class, chosen by a generator seeded with `seed`."""
+    ds = data.build_dataset(info, args, "train", augment=False)
+    chosen = random_indices(ds.targets, info.num_classes, ipc, seed, info.classes)
+    return images_of(info, args, chosen, ipc, f"random real subset (seed {seed})", ds)
+
+
+def images_of(info, args, chosen: list, ipc: int, source: str, ds=None) -> ImageSet:
+    """The training images `chosen` (class-major, IPC per class) as an ImageSet: eval transform, uint8,
+    their class labels, uniform weights."""
+    ds = ds if ds is not None else data.build_dataset(info, args, "train", augment=False)
     images = torch.stack([_to_uint8(info, ds[i][0]) for i in chosen])
-    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), torch.full((len(labels),), 1.0 / ipc),
-                    ipc, f"random real subset (seed {seed})", chosen)
+    labels = torch.tensor([int(ds.targets[i]) for i in chosen], dtype=torch.int64)
+    return ImageSet(images, labels, torch.full((len(chosen),), 1.0 / ipc), ipc, source, list(chosen))
 
 
 class DatasetImages:
@@ -103,7 +117,7 @@ class DatasetImages:
 
     def __init__(self, dataset, info):
         self.dataset, self.info = dataset, info
-        self.shape = (len(dataset), 3, info.image_size, info.image_size)
+        self.shape = (len(dataset), info.channels, info.image_size, info.image_size)
 
     def __len__(self):
         return self.shape[0]
@@ -118,7 +132,8 @@ def full_training_set(info, args, in_memory_bytes: int = 1 << 30) -> ImageSet:
     ds = data.build_dataset(info, args, "train", augment=False)
     labels = torch.as_tensor(list(ds.targets), dtype=torch.int64)
     view = DatasetImages(ds, info)
-    images = view[torch.arange(len(ds))] if len(ds) * 3 * info.image_size ** 2 <= in_memory_bytes else view
+    small = len(ds) * info.channels * info.image_size ** 2 <= in_memory_bytes
+    images = view[torch.arange(len(ds))] if small else view
     ipc = int(torch.bincount(labels, minlength=info.num_classes).max())
     return ImageSet(images, labels, torch.full((len(ds),), 1.0 / ipc), ipc, "full training set",
                     list(range(len(ds))))
