@@ -15,6 +15,8 @@ images per class, a new subset per seed; coreset: the nearest real image of ever
 wmdd/coreset.py, without recover). Rows (--rows, comma list; NAME=FLAGS adds a row of your own):
 
     random     IPC random real images per class (new per seed)      baseline
+    herding    DC's herding coreset on the teacher's features       baseline (evaluate --baseline herding)
+    kcenter    DC's greedy k-center coreset on the same features    baseline (evaluate --baseline kcenter)
     coreset    the atoms' nearest real images, no recover           baseline
     hardest    the hardest image of each atom's cell, no recover    baseline (evaluate --baseline hardest)
     full       the whole training set, hard labels (evaluate's      baseline
@@ -62,7 +64,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINES = ("random", "coreset", "hardest", "full")
+BASELINES = ("random", "herding", "kcenter", "coreset", "hardest", "full")
 ROWS = {  # name -> recover flags (the column's --iterations is added unless the row sets its own)
     "sre2l": ["--sre2l"],
     "wmdd": [],
@@ -163,6 +165,9 @@ def main():
     p.add_argument("--redistill", action="store_true",
                    help="a new distilled set per seed: barycenter.py and recover.py run with --seed s and the "
                         "student of seed s trains on that set (default: one set per row, --seeds students on it)")
+    p.add_argument("--tag", default=None, help="evaluate each row under <row dir>/<tag> (its own results.json) "
+                   "on the row's synthetic.pt: a second recipe (e.g. --eval-args '--recipe dc') beside the first "
+                   "without recomputing the distilled sets")
     p.add_argument("--work", required=True, help="run directory root (stage outputs, logs)")
     p.add_argument("--report", default=None, help="markdown table (default <work>/vs_random.md)")
     a = p.parse_args()
@@ -235,9 +240,12 @@ def distill_column(a, rows, recover_rows, host_baselines, ipc, col, common, eval
         if not os.path.isfile(os.path.join(out, "synthetic.pt")):
             stage("recover.py", common + ["--ipc", ipc, "--out", out, "--no-png"] + flags, log)
         baseline = ",".join(host_baselines) if k == 0 and host_baselines else "none"
-        stage("evaluate.py", evaluate + ["--out", out, "--baseline", baseline], log)
+        eval_out = os.path.join(out, a.tag) if a.tag else out
+        link_shared(out, eval_out)
+        stage("evaluate.py", evaluate + ["--out", eval_out, "--baseline", baseline,
+                                         "--synthetic", os.path.join(out, "synthetic.pt")], log)
         walls[(ipc, name)] = time.time() - t0
-        got, teacher_top1 = per_seed(os.path.join(out, "results.json"))
+        got, teacher_top1 = per_seed(os.path.join(eval_out, "results.json"))
         results[(ipc, name)] = {"soft": got.get("distilled/soft"), "hard": got.get("distilled/hard")}
         if k == 0:
             for b in host_baselines:

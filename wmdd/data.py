@@ -102,7 +102,7 @@ def resolve(args: argparse.Namespace) -> DatasetInfo:
     return DatasetInfo(name=preset.name, data_dir=root, classes=classes, resolution=args.resolution,
                        image_size=image_size, mean=mean, std=std, arch=preset.arch,
                        stem=preset.stems[args.resolution], crop_scale=preset.crop_scale, flip=preset.flip,
-                       protocol=getattr(args, "protocol", None) or "wmdd")
+                       protocol=getattr(args, "protocol", None) or "wmdd", teacher_pad=preset.teacher_pad)
 
 
 def default_data_dir(preset: Preset, download: bool = False) -> str:
@@ -139,9 +139,11 @@ def source_size(info: DatasetInfo) -> int | None:
 
 
 def train_transform(info: DatasetInfo) -> T.Compose:
-    """Teacher training: RandomResizedCrop + flip at the model input size (tiny 224: upsampled 64 px)."""
-    steps = [T.ToImage(), T.ToDtype(torch.float32, scale=True),
-             T.RandomResizedCrop(info.image_size, scale=info.crop_scale, antialias=True)]
+    """Teacher training: RandomResizedCrop + flip at the model input size (tiny 224: upsampled 64 px);
+    a preset with `teacher_pad` (Fashion-MNIST): a RandomCrop of the zero-padded image + flip instead."""
+    crop = T.RandomCrop(info.image_size, padding=info.teacher_pad) if info.teacher_pad else \
+        T.RandomResizedCrop(info.image_size, scale=info.crop_scale, antialias=True)
+    steps = [T.ToImage(), T.ToDtype(torch.float32, scale=True), crop]
     if info.flip:
         steps.append(T.RandomHorizontalFlip())
     steps.append(T.Normalize(info.mean, info.std))
