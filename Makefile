@@ -12,11 +12,12 @@ INSTALL_DEPS := pyproject.toml setup.py $(wildcard csrc/*)
 install: $(STAMP)
 
 # 1) the build requirements (torch first: setup.py compiles the kernels against the installed torch),
-# 2) the package itself without build isolation, so the kernels match this torch's ABI.
+# 2) the package itself without build isolation, so the kernels match this torch's ABI, with the test
+#    extra and timm (the `vit` extra: the released ViT-Tiny, so the suite tests it; the stages run without it).
 $(STAMP): $(INSTALL_DEPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "torch>=2.4" "torchvision>=0.19" setuptools wheel ninja pybind11
-	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation -e ".[test,vit]"
 	$(PY) -c "import torch, torchvision, ot; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| POT', ot.__version__)"
 	touch $(STAMP)
 

@@ -20,7 +20,9 @@ recipe), `coreset` and `hardest` (real images picked from the barycenter, withou
 `--full-data-acc X` gives acc(full data, hard) instead; `--hlr-reference teacher` uses the teacher's
 top-1 as a labelled stand-in; `--ars` adds soft-label students without augmentation (ARS).
 Reported (printed, results.md, results.json): every student's top-1 per seed, last and best epoch, and
-DD-Ranking's IOR, HLR, LRS (and ARS) per seed and mean +- std (wmdd/metrics.py).
+IOR, HLR, LRS (and ARS) per seed and mean +- std: DD-Ranking's formulas under WMDD's evaluation recipe
+(wmdd/metrics.py). `--ddranking` follows DD-Ranking 0.2.0's evaluator instead where it is well defined:
+baseline rows at each lr of its grid, validation every 20 epochs, its percent-scale LRS beside ours.
 
 Resume: every finished student is written at once to students/ with a fingerprint of all it depends on;
 a rerun keeps those and trains only the rest (a changed setting retrains the stale ones).
@@ -77,6 +79,10 @@ def get_args_parser():
                    help="barycenter weight of each loss term: mixed-set (w / mean over the set, CutMix-area mix "
                         "of the two images'; --protocol wmdd) or own-batch (the image's own w / mean over the "
                         "batch; --protocol released, train_FKD.py). Equal with uniform weights")
+    g.add_argument("--ddranking", action="store_true",
+                   help="DD-Ranking 0.2.0's evaluator where it is well defined: baseline rows and the distilled "
+                        "hard-label row trained at each lr of its grid (0.001 ... 0.1), the best kept; validation "
+                        "every 20 epochs; its LRS on percent values (LRS_ddr) beside ours (docs/evaluate.md)")
     g.add_argument("--hard-label-aug", action="store_true",
                    help="hard-label students train on the soft recipe's crops + CutMix (default: unaugmented "
                         "images, as DD-Ranking's use_aug_for_hard=False)")
@@ -203,6 +209,15 @@ def train_student(iset, source, args, info, spec, plan, device, val_loader, seed
             "wall_s": round(time.time() - t0, 2), "world_size": world.size}
 
 
+def train_job(job, args, info, device, val_loader, world) -> dict:
+    """One job's student at args.lr: the classic recipe's (--recipe dc / dsa) or the KD recipe's."""
+    if args.recipe != "kd":
+        return classic.train_job(job, args, info, device, val_loader, world)
+    desc = f"{job.key} seed {job.seed}" + (f" lr {args.lr:g}" if args.ddranking else "")
+    return train_student(job.iset, job.source, args, info, job.spec, job.plan, device, val_loader, job.seed,
+                         desc=desc, world=world)
+
+
 # ---------------------------------------------------------------------------------------------
 # the run: every student (kept when finished), then the scores
 
@@ -231,6 +246,7 @@ def run(args, info, world, device, t0):
     if args.epochs < 1 or args.batch_size < 1 or args.full_batch_size < 1:
         cli.fail(f"--epochs, --batch-size and --full-batch-size must be at least 1 (got {args.epochs}, "
                  f"{args.batch_size}, {args.full_batch_size}).")
+    ddranking = students.ddranking_mode(args)  # --ddranking: its validation interval
     if args.eval_every is None:
         args.eval_every = max(1, args.epochs // 5)
     full_source = baselines.full_data_source(args, bases)
@@ -243,6 +259,7 @@ def run(args, info, world, device, t0):
         engine.print_config("evaluate", args, classes=info.num_classes, image_size=info.image_size, stem=info.stem,
                             device_resolved=str(device), augmentation=spec.as_dict(), augmentation_seed=aug_seed,
                             hard_label_augmentation=hard_spec.as_dict(), full_data_accuracy_from=full_source,
+                            ddranking_mode=ddranking,
                             label_compression=f"topk={topk} rank={rank} precision={precision}", world_size=world.size,
                             kernels="none used by this stage (student training and teacher forward passes only)")
 
@@ -272,14 +289,13 @@ def run(args, info, world, device, t0):
     records = {}
     for job, rec in zip(jobs, students.finished_records(jobs, world, paths.students)):
         if rec is None:
-            rec = classic.train_job(job, args, info, device, val_loader, world) if args.recipe != "kd" else \
-                train_student(job.iset, job.source, args, info, job.spec, job.plan, device, val_loader, job.seed,
-                              desc=f"{job.key} seed {job.seed}", world=world)
+            rec = students.over_lr_grid(job, args, lambda a: train_job(job, a, info, device, val_loader, world))
             if world.is_main:
                 students.save_record(job, rec)
         records[(job.key, job.seed)] = rec
         log(f"[evaluate] {job.key} seed {job.seed}: top-1 {rec['top1']:.2f} (best {metrics.accuracy(rec, 'best'):.2f}) "
-            f"top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)")
+            f"top-5 {rec['top5']:.2f} ({rec['wall_s']:.1f}s)"
+            + (f", lr {rec['lr']:g} of DD-Ranking's grid" if "lr" in rec else ""))
 
     config = {**cli.args_dict(args), "seeds_used": seeds, "augmentation": spec.as_dict(),
               "hard_label_augmentation": hard_spec.as_dict(), "augmentation_seed": aug_seed, "student": args.student}

@@ -1,7 +1,7 @@
 """Builds the optional compiled kernels (csrc/) into `wmdd._C`; without them the stages fall back to
 POT / plain torch (wmdd/ops.py), so every way of installing gives a working package.
 
-    make install                                # = pip install -e ".[test]" --no-build-isolation
+    make install                                # = pip install -e ".[test,vit]" --no-build-isolation
     pip install -e . --no-build-isolation       # kernels compiled against the torch installed here
     WMDD_NO_EXT=1 pip install -e .              # pure Python, nothing compiled
     FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install -e . --no-build-isolation

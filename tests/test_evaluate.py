@@ -1,4 +1,6 @@
-"""evaluate: the loss and its weighting, label sources, mismatch errors, and a 2-epoch end-to-end run."""
+"""evaluate: the loss and its weighting, label sources, mismatch errors, a 2-epoch end-to-end run, the
+--ddranking mode against DD-Ranking 0.2.0's evaluator, and the ViT-T student (timm's) with the released
+weight-decay rule."""
 from __future__ import annotations
 
 import json
@@ -11,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import evaluate
@@ -246,3 +249,161 @@ def test_channels_last_training_matches_nchw():
     fresh.load_state_dict(cl.state_dict())
     fresh.eval(), nchw.eval()
     torch.testing.assert_close(fresh(x), nchw(x), rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# --ddranking, against DD-Ranking 0.2.0's evaluator (the wheel ddranking-0.2.0-py3-none-any.whl, read by
+# hand; the values below are quoted from it, not taken from wmdd)
+
+# ddranking/metrics/soft_label.py:211 and :240 (`_hyper_param_search_for_{hard,soft}_label`):
+#     lr_list = [0.001, 0.005, 0.01, 0.05, 0.1]
+DDR_LR_LIST = [0.001, 0.005, 0.01, 0.05, 0.1]
+# ddranking/metrics/soft_label.py:130: self.test_interval = 20, used as `if (epoch + 1) % self.test_interval == 0`
+# (:318, :374) before `if acc1 > best_acc1` (:325, :381): the best over validations every 20 epochs
+DDR_TEST_INTERVAL = 20
+
+
+def _record_training(monkeypatch):
+    calls = []
+    real = evaluate.train_student
+
+    def spy(iset, source, args, info, spec, plan, device, val_loader, seed, desc, world=None):
+        calls.append({"desc": desc, "lr": args.lr, "eval_every": args.eval_every, "spec": spec})
+        return real(iset, source, args, info, spec, plan, device, val_loader, seed, desc=desc, world=world)
+
+    monkeypatch.setattr(evaluate, "train_student", spy)
+    return calls
+
+
+def test_ddranking_mode_lr_grid_best_and_lrs_on_percent(labelled, monkeypatch, capsys):
+    """`--ddranking` end to end on digits (IPC 10, 2 epochs): the random rows and the distilled hard-label
+    row are trained at every lr of 0.2.0's grid and the best validated one is kept; the distilled soft row
+    keeps --lr (0.2.0's syn_lr) and the full-data student its recipe; validation interval 20; hard-label
+    students unaugmented (use_aug_for_hard=False, soft_label.py:27, :312); LRS_ddr on percent values."""
+    out = copy_run(labelled, os.path.join(os.path.dirname(labelled), "ddranking"))
+    calls = _record_training(monkeypatch)
+    report = run_stage(evaluate, ["--dataset", "digits", "--ipc", 10, "--out", out, "--baseline", "random,full",
+                                  "--ddranking", "--lr", 0.002])
+    printed = capsys.readouterr().out
+    assert "ddranking_mode = on (DD-Ranking 0.2.0)" in printed
+    assert all(c["eval_every"] == DDR_TEST_INTERVAL for c in calls) and report["config"]["eval_every"] == 20
+    lrs = {}
+    for c in calls:
+        lrs.setdefault(c["desc"].split(" seed")[0], []).append(c["lr"])
+    assert lrs == {"distilled/soft": [0.002], "distilled/hard": DDR_LR_LIST, "random/soft": DDR_LR_LIST,
+                   "random/hard": DDR_LR_LIST, "full/hard": [0.002]}
+    hard = [c["spec"] for c in calls if "/hard" in c["desc"]]  # whole images: no crop, flip or CutMix
+    assert hard and all(tuple(s.scale) == (1.0, 1.0) and not s.flip and not s.cutmix for s in hard)
+    for run in report["runs"]:
+        rec = run["per_seed"][0]
+        if run["key"] in ("distilled/soft", "full/hard"):
+            assert "lr" not in rec
+            continue
+        grid = {float(k): v for k, v in rec["lr_grid"].items()}
+        assert sorted(grid) == DDR_LR_LIST
+        # soft_label.py:233-235: `if acc > best_acc: best_acc, best_lr = acc, lr`: the first of the best
+        best = max(grid.values())
+        assert rec["lr"] == next(lr for lr in DDR_LR_LIST if grid[lr] == best) and rec["best_top1"] == best
+        assert [h["epoch"] for h in rec["history"]] == [2]  # fewer than 20 epochs: the last one only
+    # soft_label.py:561-564: hlr = full - syn_hard; ior = syn_soft - random_soft (percent);
+    # alpha = lrs_lambda * ior - (1 - lrs_lambda) * hlr; lrs = (exp(alpha) - exp(-1)) / (exp(1) - exp(-1))
+    for v, scores in (("last", report["metrics"]), ("best", report["metrics_best"])):
+        ior, hlr = scores["IOR"]["per_seed"][0], scores["HLR"]["per_seed"][0]
+        alpha = 0.5 * ior - 0.5 * hlr
+        assert scores["LRS_ddr"]["per_seed"][0] == pytest.approx((math.exp(alpha) - math.exp(-1)) /
+                                                                 (math.exp(1) - math.exp(-1)))
+        assert scores["LRS"]["per_seed"][0] == pytest.approx(
+            100 * (math.exp(alpha / 100) - math.exp(-1)) / (math.e - math.exp(-1)))
+    table = open(artifacts.run_paths(out).results_md).read()
+    assert "LRS_ddr" in table and "random/soft seed 0: " in table and "--ddranking" in table
+
+
+def test_ddranking_mode_validates_every_20_epochs(labelled, tmp_path):
+    """Past 20 epochs the students are validated at epoch 20 (soft_label.py:130, :318, :374) and after the last."""
+    out = copy_run(labelled, tmp_path / "ddr21")
+    report = run_stage(evaluate, ["--dataset", "digits", "--ipc", 10, "--out", out, "--labels", "online",
+                                  "--epochs", 21, "--baseline", "none", "--ddranking"])
+    for run in report["runs"]:
+        assert [h["epoch"] for h in run["per_seed"][0]["history"]] == [DDR_TEST_INTERVAL, 21]
+
+
+@pytest.mark.parametrize("flags,message", [(["--eval-every", 5], "contradicts --ddranking"),
+                                           (["--labels", "hard"], "soft-label evaluator"),
+                                           (["--recipe", "dc"], "soft-label evaluator")])
+def test_ddranking_mode_refuses_what_it_does_not_define(labelled, flags, message):
+    argv = ["--dataset", "digits", "--ipc", 10, "--out", labelled, "--baseline", "none", "--ddranking", *flags]
+    with pytest.raises(cli.UserError, match=message):
+        run_stage(evaluate, argv)
+    with pytest.raises(SystemExit) as e:
+        cli.run(evaluate.main, evaluate.get_args_parser(), [str(a) for a in argv])
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT-Tiny: timm's, as the released code builds it, and the released weight-decay rule
+
+
+def released_decay_names(model) -> set:
+    """The release's rule, train/utils.py:96-102 (`get_parameters`), applied here on its own:
+    `if pname.find('weight') >= 0 and len(p.size()) > 1:` -> weight decay, else none."""
+    return {n for n, p in model.named_parameters() if n.find("weight") >= 0 and len(p.size()) > 1}
+
+
+def group_names(model, groups) -> tuple:
+    name = {id(p): n for n, p in model.named_parameters()}
+    return tuple({name[id(p)] for p in g["params"]} for g in groups)
+
+
+def test_vit_tiny_student_is_timms_with_the_released_weight_decay(labelled, tmp_path, monkeypatch):
+    """evaluate --student vit_tiny builds timm's vit_tiny_patch16_224 (the release's models/factory.py:9,
+    `timm.create_model(model_name, pretrained=False, num_classes=...)`) at the input size, and its AdamW
+    groups put pos_embed, cls_token, norms and biases out of weight decay by the release's rule."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[vit]'): the torchvision "
+                                              "fallback is tested in test_vit_tiny_without_timm")
+    seen = []
+    real = students.param_groups
+    monkeypatch.setattr(students, "param_groups", lambda m, wd: seen.append(m) or real(m, wd))
+    out = copy_run(labelled, tmp_path / "vit")
+    report = run_stage(evaluate, ["--dataset", "digits", "--ipc", 10, "--out", out, "--baseline", "none",
+                                  "--student", "vit_tiny", "--labels", "hard", "--epochs", 1])
+    assert report["runs"][0]["key"] == "distilled/hard" and seen
+    model = seen[0]
+    assert isinstance(model, timm.models.vision_transformer.VisionTransformer)
+    size = digits_info().image_size
+    oracle = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=size,
+                               patch_size=4)  # patch 4 below 64 px, as the torchvision build had
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in oracle.named_parameters()]
+    assert model.embed_dim == 192 and len(model.blocks) == 12 and model.blocks[0].attn.num_heads == 3
+    decay, no_decay = group_names(model, real(model, 0.01))
+    assert decay == released_decay_names(model) and no_decay == {n for n, _ in model.named_parameters()} - decay
+    assert {"pos_embed", "cls_token", "norm.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias",
+            "blocks.11.mlp.fc2.bias", "head.bias"} <= no_decay
+    assert {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
+            "patch_embed.proj.weight", "head.weight"} <= decay
+
+
+def test_vit_tiny_without_timm(monkeypatch, capsys):
+    """No timm: torchvision's ViT of the same shape, with a printed note, and the same rule keeps its
+    class_token and pos_embedding out of weight decay; a spec written with timm asks for timm (exit 2)."""
+    monkeypatch.setattr(models, "_timm", lambda: None)
+    model = models.build_model("vit_tiny", 10, "small", 32)
+    assert isinstance(model, torchvision.models.VisionTransformer) and "timm is not installed" in capsys.readouterr().out
+    assert models.model_spec("vit_tiny", 10, "small", 32)["vit_impl"] == "torchvision"
+    decay, no_decay = group_names(model, students.param_groups(model, 0.05))
+    assert decay == released_decay_names(model)
+    assert {"class_token", "encoder.pos_embedding", "encoder.ln.weight", "heads.head.bias"} <= no_decay
+    # a teacher.pt written before vit_impl existed was torchvision's
+    old = {"arch": "vit_tiny", "num_classes": 10, "stem": "small", "image_size": 32}
+    assert isinstance(models.build_from_spec(old), torchvision.models.VisionTransformer)
+    with pytest.raises(cli.UserError, match="pip install timm"):
+        models.build_from_spec({**old, "vit_impl": "timm"})
+
+
+@pytest.mark.parametrize("arch", ["convnet", "resnet18"])
+def test_weight_decay_groups_of_convnet_and_resnet_unchanged(arch):
+    """The groups before the released rule (every parameter of more than one dimension decays, the rest
+    not), parameter for parameter and in order."""
+    model = models.build_model(arch, 10, "small", 32)
+    decay, no_decay = students.param_groups(model, 0.01)
+    assert [id(p) for p in decay["params"]] == [id(p) for p in model.parameters() if p.ndim > 1]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for p in model.parameters() if p.ndim <= 1]

@@ -34,6 +34,11 @@ def test_lrs_and_ars_hand_computed():
     assert metrics.augmentation_robust_score(10.0, 5.0) == pytest.approx(30.2078, abs=1e-4)
     assert metrics.augmentation_robust_score(10.0, -10.0) == pytest.approx(100 / (1 + E), rel=1e-12)
     assert metrics.label_robust_score(10.0, 30.0, lam=1.0) == pytest.approx(100 * (math.exp(0.1) - 1 / E) / (E - 1 / E))
+    # DD-Ranking 0.2.0's code (ddranking/metrics/soft_label.py:561-564) puts the points into α, unscaled:
+    # α = 0.5 · 5 − 0.5 · 20 = −7.5; (e^−7.5 − e^−1) / (e − e^−1) = (0.000553 − 0.367879) / 2.350402 = −0.156282
+    assert metrics.label_robust_score_ddranking(5.0, 20.0) == pytest.approx(-0.156282, abs=1e-6)
+    assert metrics.label_robust_score(5.0, 20.0) == pytest.approx(23.8199, abs=1e-4)  # α = −0.075, × 100
+    assert metrics.label_robust_score_ddranking(3.0, 1.0) == pytest.approx(1.0)  # α = 1.5 − 0.5 = 1
 
 
 def test_scores_pair_rounds_by_seed():

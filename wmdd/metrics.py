@@ -1,4 +1,5 @@
-"""DD-Ranking's scores (arXiv 2505.13300; its evaluator, the `ddranking` package 0.2.0), one place each.
+"""DD-Ranking's scores (arXiv 2505.13300): its formulas under WMDD's evaluation recipe, one place each,
+and the LRS as its evaluator (the `ddranking` package 0.2.0) computes it, for evaluate --ddranking.
 
 More: docs/core.md, "wmdd/metrics.py".
 """
@@ -19,6 +20,8 @@ FORMULAS = {
     "ARS": "ARS = 100 · (e^β − e^−1) / (e − e^−1), β = λ·W + (1 − λ)·W/O, W = acc(distilled, aug) − acc(random, aug), "
            "W/O the same without augmentation, as fractions, λ = 0.5",
     "IOR_hard": "IOR(hard) = acc(distilled, hard) − acc(random, hard)  [pt]",
+    "LRS_ddr": "LRS_ddr = (e^α − e^−1) / (e − e^−1), α = λ·IOR − (1 − λ)·HLR with IOR and HLR in percentage "
+               "points, not × 100: DD-Ranking 0.2.0's code (--ddranking); unbounded above, → −0.157 as α falls",
 }
 
 VARIANTS = ("best", "last")
@@ -43,6 +46,12 @@ def label_robust_score(ior_pt: float, hlr_pt: float, lam: float = LAMBDA) -> flo
     return 100.0 * _squash(alpha)
 
 
+def label_robust_score_ddranking(ior_pt: float, hlr_pt: float, lam: float = LAMBDA) -> float:
+    """LRS as DD-Ranking 0.2.0's evaluator computes it: α from IOR and HLR in percentage points, the
+    transform not scaled (its `lrs`); equal to label_robust_score / 100 only where IOR = HLR = 0."""
+    return _squash(lam * ior_pt - (1.0 - lam) * hlr_pt)
+
+
 def augmentation_robust_score(with_aug_pt: float, without_aug_pt: float, lam: float = LAMBDA) -> float:
     """ARS in percent from the with- and without-augmentation improvements over random (points)."""
     beta = lam * with_aug_pt / 100.0 + (1.0 - lam) * without_aug_pt / 100.0
@@ -65,12 +74,13 @@ def accuracy(record: dict, variant: str) -> float:
     raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
 
 
-def scores(acc: dict, full: list | None) -> dict:
+def scores(acc: dict, full: list | None, ddranking: bool = False) -> dict:
     """Every score computable from per-round accuracies.
 
     acc: key -> list of per-round top-1 (keys "distilled/soft", "distilled/hard", "random/soft",
     "random/hard", "distilled/soft-noaug", "random/soft-noaug"; any may be missing). full: per-round
-    acc(full data, hard), or None. Returns name -> {"per_seed": [...], mean, std, std_pop, n}."""
+    acc(full data, hard), or None. ddranking: also LRS_ddr (0.2.0's scale). Returns name -> {"per_seed": [...],
+    mean, std, std_pop, n}."""
     out = {}
 
     def pair(name, f, a, b):
@@ -83,6 +93,8 @@ def scores(acc: dict, full: list | None) -> dict:
     pair("HLR", hard_label_recovery, full, acc.get("distilled/hard"))
     if "IOR" in out and "HLR" in out:
         pair("LRS", label_robust_score, out["IOR"]["per_seed"], out["HLR"]["per_seed"])
+        if ddranking:
+            pair("LRS_ddr", label_robust_score_ddranking, out["IOR"]["per_seed"], out["HLR"]["per_seed"])
     pair("W", improvement_over_random, acc.get("distilled/soft"), acc.get("random/soft"))
     pair("W/O", improvement_over_random, acc.get("distilled/soft-noaug"), acc.get("random/soft-noaug"))
     if "W/O" in out:
@@ -142,7 +154,8 @@ def results(args, config: dict, jobs: list, records: dict, full_source, settings
     scores_by = {}
     for v in VARIANTS:
         acc = {r["key"]: [accuracy(x, v) for x in r["per_seed"]] for r in runs if not students.is_full_data(r["key"])}
-        scores_by[v] = scores(acc, None if full_source is None else [full["top1"][v]] * len(seeds))
+        scores_by[v] = scores(acc, None if full_source is None else [full["top1"][v]] * len(seeds),
+                              getattr(args, "ddranking", False))
     report = {
         "config": config,
         "label_settings": settings, "teacher_val_top1": teacher_top1, "teacher_arch": teacher_arch(teacher_art),
@@ -161,7 +174,7 @@ def results(args, config: dict, jobs: list, records: dict, full_source, settings
 # evaluate's table (results.md)
 
 SCORE_ROWS = (("IOR", "pt", "+.2f"), ("IOR_hard", "pt", "+.2f"), ("HLR", "pt", "+.2f"), ("LRS", "%", ".2f"),
-              ("W", "pt", "+.2f"), ("W/O", "pt", "+.2f"), ("ARS", "%", ".2f"))
+              ("LRS_ddr", "0.2.0's scale", ".4f"), ("W", "pt", "+.2f"), ("W/O", "pt", "+.2f"), ("ARS", "%", ".2f"))
 
 
 def _ms(s: dict, spec: str = ".2f") -> str:
@@ -194,6 +207,11 @@ def markdown(report: dict) -> str:
         v = full["top1"]["last"]
         lines.append(f"| full training set | {full['label']} | " + " | ".join(f"{v:.2f}" for _ in seeds) +
                      f" | {v:.2f} | {v:.2f} | – |")
+    grid = [f"{r['key']} seed {x['seed']}: {x['lr']:g}" for r in report["runs"] for x in r["per_seed"] if "lr" in x]
+    if c.get("ddranking"):
+        lines += ["", "--ddranking (DD-Ranking 0.2.0's evaluator): validation every 20 epochs and after the last; "
+                  "the best epoch's column is its number. Rows trained at each lr of its grid, the lr kept: "
+                  + ("; ".join(grid) or "none") + "."]
     lines += ["", f"acc(full data, hard) in HLR: **{full['label']}**." if full.get("source") else
               "acc(full data, hard): none (no HLR / LRS; pass --baseline random,full or --full-data-acc X).", ""]
     rows = []
@@ -204,11 +222,12 @@ def markdown(report: dict) -> str:
                 rows.append(f"| {name} ({unit}) | {variant} | " + " | ".join(f"{x:{spec}}" for x in s["per_seed"]) +
                             f" | {_ms(s, spec)} |")
     if rows:
-        lines += ["Scores (DD-Ranking, arXiv 2505.13300), paired per seed: round s uses seed s's students and "
-                  "seed s's random subset.", "",
+        lines += ["Scores: DD-Ranking's formulas (arXiv 2505.13300) under " +
+                  ("its 0.2.0 evaluator's lr grid and validations" if c.get("ddranking") else "WMDD's evaluation recipe")
+                  + ", paired per seed: round s uses seed s's students and seed s's random subset.", "",
                   "| score | epoch | " + head[2:] + " mean ± std |", "|---|---|" + "---|" * len(seeds) + "---|", *rows, ""]
         shown = {n for n, *_ in SCORE_ROWS if n in report["metrics"]}
-        lines += [f"- {FORMULAS[n]}" for n in ("IOR", "IOR_hard", "HLR", "LRS", "ARS") if n in shown]
+        lines += [f"- {FORMULAS[n]}" for n in ("IOR", "IOR_hard", "HLR", "LRS", "LRS_ddr", "ARS") if n in shown]
     lines.append("- mean ± sample std over seeds (DD-Ranking prints the population std: `std_pop` in results.json); "
                  "`last`: after the last epoch (the paper's number), `best`: the best validated epoch (DD-Ranking's)")
     return "\n".join(lines) + "\n"

@@ -54,25 +54,70 @@ class ConvNet(nn.Module):
 
 
 def model_spec(arch: str, num_classes: int, stem: str, image_size: int) -> dict:
-    """The plain dict stored in teacher.pt that rebuilds the architecture."""
+    """The plain dict stored in teacher.pt that rebuilds the architecture (a vit_tiny's also says whose
+    ViT it is, so it is rebuilt with that library)."""
     if arch not in ARCHES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHES}")
-    return {"arch": arch, "num_classes": int(num_classes), "stem": stem, "image_size": int(image_size)}
+    spec = {"arch": arch, "num_classes": int(num_classes), "stem": stem, "image_size": int(image_size)}
+    if arch == "vit_tiny":
+        spec["vit_impl"] = default_vit_impl()
+    return spec
 
 
-def build_model(arch: str, num_classes: int, stem: str = "imagenet", image_size: int = 224) -> nn.Module:
+def _timm():
+    """timm (the optional extra `vit`: pip install -e ".[vit]"), or None when it is not installed."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def default_vit_impl() -> str:
+    """Whose ViT-Tiny `vit_tiny` builds here: timm's (the released code's) when timm imports, else torchvision's."""
+    return "timm" if _timm() is not None else "torchvision"
+
+
+_NOTED = set()
+
+
+def _vit_tiny(num_classes: int, image_size: int, impl: str | None) -> nn.Module:
+    """ViT-Tiny (12 layers, 3 heads, width 192, MLP 768), patch 16 from 128 px, 8 from 64 px, else 4:
+    timm's `vit_tiny_patch16_224` as the released code creates it (models/factory.py), given timm's own
+    img_size / patch_size for smaller inputs; without timm, torchvision's VisionTransformer of that shape."""
+    patch = 16 if image_size >= 128 else (8 if image_size >= 64 else 4)
+    impl = impl or default_vit_impl()
+    if impl == "timm":
+        timm = _timm()
+        if timm is None:
+            fail("this vit_tiny was built with timm (its spec says vit_impl 'timm'), which is not installed "
+                 "here: pip install timm (or pip install -e \".[vit]\" --no-build-isolation).")
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes,
+                                 img_size=image_size, patch_size=patch)
+    if "vit" not in _NOTED and _timm() is None:
+        _NOTED.add("vit")
+        print("note: timm is not installed, so vit_tiny is torchvision's VisionTransformer of the same shape, not "
+              "the released code's timm vit_tiny_patch16_224 (pip install -e \".[vit]\" --no-build-isolation)")
+    return torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch, num_layers=12,
+                                                num_heads=3, hidden_dim=192, mlp_dim=768, num_classes=num_classes)
+
+
+def _is_timm_vit(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.") and hasattr(model, "pos_embed")
+
+
+def build_model(arch: str, num_classes: int, stem: str = "imagenet", image_size: int = 224,
+                vit_impl: str | None = None) -> nn.Module:
+    """`vit_impl` ("timm" / "torchvision"): whose vit_tiny to build; None: timm's when installed."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
     channels = stem_channels(stem)
     if arch == "convnet":
         return ConvNet(num_classes, image_size, channels=channels, first_padding=3 if stem == "gray" else 1)
     if channels != 3:
-        return _in_channels(build_model(arch, num_classes, "small", image_size), channels)
+        return _in_channels(build_model(arch, num_classes, "small", image_size, vit_impl), channels)
     if arch == "vit_tiny":
-        patch = 16 if image_size >= 128 else (8 if image_size >= 64 else 4)
-        return torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch, num_layers=12,
-                                                    num_heads=3, hidden_dim=192, mlp_dim=768,
-                                                    num_classes=num_classes)
+        return _vit_tiny(num_classes, image_size, vit_impl)
     if arch not in ARCHES and arch not in torchvision_students():
         raise ValueError(f"unknown architecture {arch!r}; choose one of {student_names()}")
     if arch.startswith("vit_") and stem == "small":
@@ -139,7 +184,9 @@ _VIT_SIZES = {"b": (12, 12, 768, 3072), "l": (24, 16, 1024, 4096), "h": (32, 16,
 
 
 def build_from_spec(spec: dict) -> nn.Module:
-    return build_model(spec["arch"], spec["num_classes"], spec["stem"], spec["image_size"])
+    """The model a spec describes; a vit_tiny spec written before timm was used is torchvision's."""
+    impl = spec.get("vit_impl", "torchvision") if spec["arch"] == "vit_tiny" else None
+    return build_model(spec["arch"], spec["num_classes"], spec["stem"], spec["image_size"], impl)
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +198,8 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(model.avgpool(x), 1)
     if isinstance(model, ConvNet):
         return model.forward_features(x)
+    if _is_timm_vit(model):  # the class token after the final norm, what the head reads
+        return model.forward_head(model.forward_features(x), pre_logits=True)
     if isinstance(model, torchvision.models.VisionTransformer):
         x = model._process_input(x)
         x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -165,6 +214,8 @@ def classifier(model: nn.Module) -> nn.Module:
         return model.fc
     if isinstance(model, ConvNet):
         return model.classifier
+    if _is_timm_vit(model):
+        return model.head
     if isinstance(model, torchvision.models.VisionTransformer):
         return model.heads
     raise TypeError(f"no classifier view for {type(model).__name__}")
@@ -194,6 +245,8 @@ def load_teacher(path, info, device="cpu", arch: str | None = None):
     else:
         spec = model_spec(arch or info.arch, info.num_classes, info.stem, info.image_size)
         state = strip_prefix(artifact.get("state_dict", artifact))
+        if spec["arch"] == "vit_tiny":  # timm's keys (pos_embed) or torchvision's (encoder.pos_embedding)
+            spec["vit_impl"] = "timm" if "pos_embed" in state else "torchvision"
         artifact = {"model": state, "model_args": spec, "meta": None}
     model = build_from_spec(spec)
     try:

@@ -6,6 +6,7 @@ More: docs/core.md, "wmdd/students.py".
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
                            "labels_dir", "full_data_dir")}
     if config.get("recipe") == "kd":  # the default recipe: the fingerprints of the files written before --recipe
         config.pop("recipe")
+    if not config.get("ddranking", True):  # likewise before --ddranking
+        config.pop("ddranking")
     if is_full_data(key):
         config = {k: v for k, v in config.items() if k in FULL_DATA_RECIPE}
     else:  # the IPC's batch is the others' own
@@ -65,12 +68,58 @@ def check_flags(args) -> None:
 
 
 def param_groups(model, weight_decay: float) -> list:
-    """Weight decay on weights of conv / linear layers only: not on BN / LN parameters or biases."""
+    """The released rule (train/utils.py `get_parameters`): weight decay on the parameters whose name holds
+    'weight' and that have more than one dimension (conv, linear, attention and MLP weights); none on
+    norms, biases, or a ViT's position and class embeddings (pos_embed, cls_token: 3-d, not 'weight').
+    For ConvNets and ResNets this is every parameter with more than one dimension, as before."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (decay if "weight" in name and p.ndim > 1 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate --ddranking: DD-Ranking 0.2.0's evaluator (the ddranking wheel), where it is well defined
+
+DDRANKING_LR_GRID = (0.001, 0.005, 0.01, 0.05, 0.1)  # lr_list: ddranking/metrics/soft_label.py:211, :240
+DDRANKING_TEST_INTERVAL = 20  # LabelRobustScoreSoft.test_interval: ddranking/metrics/soft_label.py:130
+
+
+def ddranking_mode(args) -> str:
+    """--ddranking: refuses what 0.2.0's soft-label evaluator does not define, sets its validation
+    interval; returns the line evaluate prints in its configuration."""
+    if not args.ddranking:
+        return "off: DD-Ranking's formulas under WMDD's evaluation recipe (--ddranking: its 0.2.0 evaluator's)"
+    if args.recipe != "kd" or args.labels == "hard":
+        cli.fail("--ddranking follows DD-Ranking 0.2.0's soft-label evaluator (LabelRobustScoreSoft), which "
+                 "trains soft-label students: drop --recipe dc / dsa and --labels hard, or drop --ddranking.")
+    if args.eval_every not in (None, DDRANKING_TEST_INTERVAL):
+        cli.fail(f"--eval-every {args.eval_every} contradicts --ddranking, which validates every "
+                 f"{DDRANKING_TEST_INTERVAL} epochs as DD-Ranking 0.2.0 does: drop one of the two.")
+    args.eval_every = DDRANKING_TEST_INTERVAL
+    return (f"on (DD-Ranking 0.2.0): baseline rows and distilled/hard trained at each lr of "
+            f"{list(DDRANKING_LR_GRID)}, the best kept; validation every {DDRANKING_TEST_INTERVAL} epochs (and "
+            "the last); the best validated top-1 is DD-Ranking's number; LRS_ddr: its LRS on percent values")
+
+
+def on_lr_grid(key: str) -> bool:
+    """Whether --ddranking trains this row at every lr of the grid, as 0.2.0 does: every baseline row but
+    the full-data student (its own recipe), and the distilled hard-label row; the distilled soft rows
+    keep --lr, the evaluator's `syn_lr` (docs/evaluate.md, "--ddranking")."""
+    return not is_full_data(key) and (not key.startswith("distilled/") or key == "distilled/hard")
+
+
+def over_lr_grid(job, args, train) -> dict:
+    """train(args): once, or under --ddranking for a grid row at every lr of the grid, returning the
+    record of the lr with the highest best-validated top-1 (the first on a tie, as 0.2.0's strict `>`),
+    with `lr` and `lr_grid` ({lr: best validated top-1})."""
+    if not args.ddranking or not on_lr_grid(job.key):
+        return train(args)
+    recs = {lr: train(argparse.Namespace(**{**vars(args), "lr": lr})) for lr in DDRANKING_LR_GRID}
+    lr = max(recs, key=lambda k: recs[k]["best_top1"])
+    return {**recs[lr], "lr": lr, "lr_grid": {f"{k:g}": r["best_top1"] for k, r in recs.items()},
+            "wall_s": round(sum(r["wall_s"] for r in recs.values()), 2)}
 
 
 # ---------------------------------------------------------------------------------------------
