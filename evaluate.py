@@ -75,6 +75,8 @@ def get_args_parser():
     g.add_argument("--rank", type=int, default=None, help="online labels: compress like relabel --rank")
     g.add_argument("--precision", default=None, choices=softlabels.PRECISIONS, help="online labels: as relabel")
     g.add_argument("--no-cutmix", action="store_true", help="online / hard labels: crops and flips only")
+    g.add_argument("--soft-only", action="store_true", help="stored / online labels: train the soft-label students "
+                   "only (no hard-label column, so no IOR_hard, HLR or LRS)")
     g.add_argument("--kd-weights", default=None, choices=["mixed-set", "own-batch"],
                    help="barycenter weight of each loss term: mixed-set (w / mean over the set, CutMix-area mix "
                         "of the two images'; --protocol wmdd) or own-batch (the image's own w / mean over the "
@@ -246,6 +248,9 @@ def run(args, info, world, device, t0):
     if args.epochs < 1 or args.batch_size < 1 or args.full_batch_size < 1:
         cli.fail(f"--epochs, --batch-size and --full-batch-size must be at least 1 (got {args.epochs}, "
                  f"{args.batch_size}, {args.full_batch_size}).")
+    if args.soft_only and args.labels == "hard":
+        cli.fail("--soft-only trains the soft-label students only, but --labels hard (or --recipe dc / dsa) has none: "
+                 "drop --soft-only, or use --labels online / stored.")
     ddranking = students.ddranking_mode(args)  # --ddranking: its validation interval
     if args.eval_every is None:
         args.eval_every = max(1, args.epochs // 5)

@@ -318,6 +318,23 @@ def test_ddranking_mode_lr_grid_best_and_lrs_on_percent(labelled, monkeypatch, c
     assert "LRS_ddr" in table and "random/soft seed 0: " in table and "--ddranking" in table
 
 
+def test_soft_only_trains_the_soft_students_and_nothing_else(labelled, tmp_path):
+    """--soft-only drops every hard-label job; the soft students are the ones a full run trains (same top-1)."""
+    argv = ["--dataset", "digits", "--ipc", 10, "--labels", "online", "--epochs", 1, "--baseline", "random"]
+    both = run_stage(evaluate, argv + ["--out", copy_run(labelled, tmp_path / "both")])
+    soft = run_stage(evaluate, argv + ["--out", copy_run(labelled, tmp_path / "soft"), "--soft-only"])
+    assert [r["key"] for r in both["runs"]] == ["distilled/soft", "distilled/hard", "random/soft", "random/hard"]
+    assert [r["key"] for r in soft["runs"]] == ["distilled/soft", "random/soft"]
+    top1 = {r["key"]: r["per_seed"][0]["top1"] for r in both["runs"]}
+    assert all(r["per_seed"][0]["top1"] == top1[r["key"]] for r in soft["runs"])
+    assert "IOR" in soft["metrics"] and "HLR" not in soft["metrics"] and "IOR_hard" not in soft["metrics"]
+    assert soft["random_subset_indices"] == both["random_subset_indices"]
+    with pytest.raises(SystemExit) as e:
+        cli.run(evaluate.main, evaluate.get_args_parser(), [str(a) for a in argv + ["--out", labelled, "--soft-only",
+                                                                                     "--labels", "hard"]])
+    assert e.value.code == 2
+
+
 def test_ddranking_mode_validates_every_20_epochs(labelled, tmp_path):
     """Past 20 epochs the students are validated at epoch 20 (soft_label.py:130, :318, :374) and after the last."""
     out = copy_run(labelled, tmp_path / "ddr21")

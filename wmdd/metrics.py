@@ -159,7 +159,7 @@ def results(args, config: dict, jobs: list, records: dict, full_source, settings
     report = {
         "config": config,
         "label_settings": settings, "teacher_val_top1": teacher_top1, "teacher_arch": teacher_arch(teacher_art),
-        "full_data": full, "random_subset_indices": {str(j.seed): j.iset.indices for j in jobs if j.key == "random/hard"},
+        "full_data": full, "random_subset_indices": {str(j.seed): j.iset.indices for j in jobs if j.key in ("random/hard", "random/soft")},
         "world_size": world_size, "runs": runs,
         "metrics": scores_by["last"], "metrics_best": scores_by["best"], "formulas": FORMULAS,
         "upstream": upstream,

@@ -33,7 +33,7 @@ def student_fingerprint(args, key: str, seed: int, upstream: dict) -> str:
     config = {k: v for k, v in cli.args_dict(args).items()
               if k not in ("seeds", "baseline", "workers", "device", "impl", "out", "data_dir", "download",
                            "val_batch_size", "teacher", "synthetic", "full_data_acc", "hlr_reference", "ars",
-                           "labels_dir", "full_data_dir")}
+                           "labels_dir", "full_data_dir", "soft_only")}
     if config.get("recipe") == "kd":  # the default recipe: the fingerprints of the files written before --recipe
         config.pop("recipe")
     if not config.get("ddranking", True):  # likewise before --ddranking
@@ -277,6 +277,8 @@ def student_jobs(args, info, syn, bases, seeds, teacher, settings, paths, spec, 
     jobs = []
 
     def add(key, seed, iset, source, sp, images_desc, label_desc, depends):
+        if getattr(args, "soft_only", False) and key.endswith("/hard") and not is_full_data(key):
+            return
         batch = args.full_batch_size if is_full_data(key) else args.batch_size
         plan = augment.ReplayPlan(len(iset), batch, aug_seed)
         jobs.append(Job(key, seed, iset, source, sp, plan, images_desc, label_desc,
