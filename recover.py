@@ -36,14 +36,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wmdd import artifacts, augment, bnstats, cli, coreset, data, dist, engine, models, ops, protocol
+from wmdd import artifacts, augment, bnstats, cli, coreset, data, dist, engine, models, ops, presets, protocol
 from wmdd.shards import (Group, StepClock, check_finite, check_recipe, classes_per_group, load_inputs, merge_shards,
                          pending_groups, write_shard)
 
 TERMS = ("total", "feature", "bn", "ce")
-# SRe2L's released R_BN weights (recover.sh: ImageNet 0.01; recover_tiny.sh: Tiny-ImageNet 1).
-SRE2L_LAMBDA = {"tiny": 1.0}
-SRE2L_LAMBDA_DEFAULT = 0.01
 # The settings that make a synthetic set: two shards (or a resumed run) may be combined only when equal.
 RECIPE_KEYS = ("ipc", "iterations", "lr", "lambda_bn", "r_ce", "first_bn_mult", "feature", "bn", "global_stats",
                "layout", "batch_size", "init", "jitter", "seed", "amp", "sre2l", "pixel_rounding", "image_format",
@@ -74,7 +71,7 @@ def get_args_parser():
                    help="BN statistics matched (default per-class)")
     g.add_argument("--global-stats", default="running", choices=["running", "data"],
                    help="--bn global: the teacher's running statistics (released) or bn_stats.pt's exact ones")
-    g.add_argument("--lambda-bn", type=float, default=None, help="weight of the BN term")
+    g.add_argument("--lambda-bn", type=float, default=None, help="weight of the BN term (unset: presets.LAMBDA_BN)")
     g.add_argument("--first-bn-mult", type=float, default=None,
                    help="multiplier of the first BN layer's term (default 1 per-class, 10 global)")
     g.add_argument("--r-ce", type=float, default=None, help="weight of the cross-entropy term")
@@ -92,6 +89,7 @@ def get_args_parser():
                    help="channels_last memory format for the teacher (auto: on)")
     g.add_argument("--log-every", type=int, default=25, help="progress bar / NaN check every N steps")
     g.add_argument("--no-png", action="store_true", help="skip the images/ tree")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit (no data read)")
     protocol.add_image_args(p)
     return p
 
@@ -100,12 +98,13 @@ def resolve_args(args, info, device) -> None:
     """Fill the flags left unset: --sre2l's choices, then the preset's, then the rules in the manual."""
     protocol.resolve(args)  # --protocol's choices (done by dist.stage_main already; idempotent)
     if args.sre2l:
-        for key, value in (("feature", "none"), ("bn", "global"), ("r_ce", 1.0), ("first_bn_mult", 10.0),
-                           ("lambda_bn", SRE2L_LAMBDA.get(info.name, SRE2L_LAMBDA_DEFAULT))):
+        for key, value in (("feature", "none"), ("bn", "global"), ("r_ce", 1.0), ("first_bn_mult", 10.0)):
             if getattr(args, key) is None:
                 setattr(args, key, value)
         if args.layout == "auto":
             args.layout = "ipc-major"
+    args.lambda_bn, args.lambda_bn_source = presets.recover_lambda_bn(info.name, args.ipc, info.resolution,
+                                                                      args.sre2l, given=args.lambda_bn)
     args.feature = args.feature or "barycenter"
     args.bn = args.bn or "per-class"
     data.preset_defaults(args, "recover")
@@ -115,9 +114,7 @@ def resolve_args(args, info, device) -> None:
         args.layout = "class-major" if args.bn == "per-class" else "ipc-major"
     if args.jitter is None:
         args.jitter = int(round(32 * info.image_size / 224))
-    if args.crop_scale is None:
-        args.crop_scale = list(info.crop_scale)
-    args.crop_scale = [float(v) for v in args.crop_scale]
+    args.crop_scale = [float(v) for v in (info.crop_scale if args.crop_scale is None else args.crop_scale)]
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" else "fp32"
     if args.channels_last == "auto":
@@ -312,6 +309,8 @@ def run(args, info, world, device, t0):
         engine.print_config("recover", args, classes_resolved=f"{lo}:{hi} of {info.num_classes}", flip=info.flip,
                             classes_per_batch=per_group, image_size=info.image_size, device_resolved=str(device),
                             world_size=world.size, kernels=ops.describe(args.impl))
+    if args.dry_run:  # the configuration only: nothing read (engine.stage_main resolved no data) or written
+        return None
     torch.backends.cudnn.benchmark = device.type == "cuda"
     paths = artifacts.run_paths(args.out)
     inputs = load_inputs(args, info, device, paths)

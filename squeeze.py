@@ -9,12 +9,14 @@ lr 0.025, batch 32, cosine, weight decay 1e-4, RandomResizedCrop(0.08-1) + flip;
 224 protocol upsamples its 64 px images and uses a 3x3 s2 stem without maxpool. Tiny-ImageNet at
 `--resolution 64` is SRe2L's teacher (zeyuanyin/tiny-imagenet script/train_rn18.sh): 3x3 s1 stem, no
 maxpool, SGD lr 0.2, batch 256, 50 epochs, wd 1e-4, cosine after 5 linear warm-up epochs
-(--warmup-epochs) from 0.01 x lr, SRe2L's Tiny normalisation. Every value is a flag;
+(--warmup-epochs) from 0.01 x lr, SRe2L's Tiny normalisation. The schedule steps per iteration
+(--lr-step epoch: once per epoch, as the release's pretrain.py). Every value is a flag;
 flags left unset take the `--dataset` preset's value (digits: a ConvNet and a one-minute recipe).
 
 After training (validated every epoch), one eval-mode pass over the training set with the eval
 transform records, for every BatchNorm layer and every class, the per-channel mean and biased
-variance of the layer's input (float64 sums: wmdd/bnstats.py).
+variance of the layer's input (float64 sums: wmdd/bnstats.py). --class-var batch-mean (--protocol
+released) stores instead the release's variance: the mean of the variances of one-class batches of 100.
 
 Writes to --out: `teacher.pt` (state_dict, model spec, val top-1 in meta) and `bn_stats.pt` (per-layer
 per-class sums, counts, mean, var; global mean/var). A per-epoch `squeeze_checkpoint.pt` makes an
@@ -54,10 +56,17 @@ def get_args_parser():
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--warmup-epochs", type=int, default=None,
                    help="linear warm-up from 0.01 x lr over these epochs, then cosine (preset: 0; tiny at 64 px: 5)")
+    g.add_argument("--lr-step", default=None, choices=["iteration", "epoch"], help="step the warm-up and cosine "
+                   "schedule after every iteration or once per epoch (--protocol wmdd: iteration; released: epoch)")
     g = p.add_argument_group("statistics")
     g.add_argument("--stats-only", action="store_true", help="skip training; statistics for --teacher")
     g.add_argument("--teacher", default=None, help="teacher checkpoint for --stats-only (default <out>/teacher.pt)")
     g.add_argument("--stats-batch-size", type=int, default=256)
+    g.add_argument("--class-var", default=None, choices=["exact", "batch-mean"], help="per-class variance: exact "
+                   "(float64 sums over the class), or the mean of the variances of one-class batches of "
+                   "--class-var-batch in dataset order (--protocol wmdd: exact; released: batch-mean)")
+    g.add_argument("--class-var-batch", type=int, default=100, help="--class-var batch-mean: the batch size "
+                   "(the release's: recover's batch size, 100)")
     return p
 
 
@@ -71,7 +80,8 @@ def train_teacher(args, info, device, paths, world) -> tuple:
                             num_workers=args.workers)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    per_iteration = args.lr_step == "iteration"  # --lr-step epoch: the schedule counts epochs (pretrain.py)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size) if per_iteration else 1
     warmup = min(args.warmup_epochs, args.epochs) * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs * steps_per_epoch - warmup))
     if warmup:  # torchvision's reference recipe (SRe2L's Tiny teacher): LinearLR(0.01) then cosine, per step here
@@ -85,6 +95,8 @@ def train_teacher(args, info, device, paths, world) -> tuple:
     # What must match for a checkpoint to be resumed.
     recipe = {k: getattr(args, k) for k in ("arch", "epochs", "lr", "batch_size", "weight_decay", "momentum", "seed",
                                             "warmup_epochs")}
+    if not per_iteration:  # (only then: checkpoints from before --lr-step resume as they were)
+        recipe["lr_step"] = args.lr_step
     start_epoch, val = 0, {"top1": float("nan")}
     ckpt = artifacts.reuse(paths.squeeze_checkpoint, "squeeze-checkpoint", log=print)  # torn: start over
     if ckpt is not None:
@@ -121,9 +133,12 @@ def train_teacher(args, info, device, paths, world) -> tuple:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            if per_iteration:
+                scheduler.step()
             running += loss.item() * y.numel()
             seen += y.numel()
+        if not per_iteration:
+            scheduler.step()
         if world.is_main:
             val = engine.validate(model, val_loader, device)
             epochs.set_postfix(loss=f"{running / seen:.3f}", val_top1=f"{val['top1']:.2f}")
@@ -145,6 +160,8 @@ def main(args):
 def run(args, info, world, device, t0):
     data.preset_defaults(args, "squeeze")
     args.arch = args.arch or info.arch
+    if args.class_var_batch < 1:
+        cli.fail(f"--class-var-batch must be at least 1, got {args.class_var_batch}.")
     args.out = cli.default_out(args)
     cli.seed_everything(args.seed)
     if world.is_main:
@@ -172,15 +189,18 @@ def run(args, info, world, device, t0):
     dist.barrier(world)
 
     # Statistics pass: each rank sums its contiguous block of the training set; the sums add up exactly.
-    train_eval = data.build_dataset(info, args, "train")
+    train_eval, groups, batch_class = data.build_dataset(info, args, "train"), info.num_classes, None
+    if args.class_var == "batch-mean":  # the released pass: per-class batches, each batch a group of its own
+        ids, batch_class = bnstats.release_batches(train_eval.targets, info.num_classes, args.class_var_batch)
+        train_eval, groups = bnstats.Relabelled(train_eval, ids), len(batch_class)
     shard = Subset(train_eval, dist.rank_slice(len(train_eval), world)) if world.enabled else train_eval
     stats_loader = DataLoader(shard, batch_size=args.stats_batch_size, shuffle=False, num_workers=args.workers)
     t_stats = time.time()
-    sums = bnstats.collect(model, stats_loader, info.num_classes, device, impl=args.impl, progress=world.is_main)
+    sums = bnstats.collect(model, stats_loader, groups, device, impl=args.impl, progress=world.is_main)
     for key in ("sum", "sumsq", "count"):
         sums[key] = [dist.all_reduce_sum_(t.to(device), world).cpu() for t in sums[key]]
     if world.is_main:
-        stats = bnstats.finalize(sums)
+        stats = bnstats.finalize(sums, batch_class)
         artifacts.save(paths.bn_stats, stats,
                        artifacts.make_meta("squeeze-stats", args, info, upstream={"teacher": teacher_path},
                                            wall_time_s=time.time() - t_stats, world_size=world.size,

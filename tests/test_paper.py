@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from test_recover_dist import kill_when
+from tests.conftest import make_folder_tree
 from lab import paper
 from wmdd import cli
 
@@ -222,6 +223,43 @@ def test_dry_run_lists_the_plan_and_runs_nothing(tmp_path, capsys):
     assert printed.count("recover.py") == 9 and printed.count("evaluate.py") == 11
     assert printed.count("squeeze.py") == 1 and printed.count("barycenter.py") == 2
     assert not (tmp_path / "run").exists()
+
+
+def _paper_text_without_runs(tmp_path, monkeypatch, dataset: str) -> str:
+    """PAPER.md of a --dataset run with Tables I and III at IPC 1 and 10, written before any stage ran (every
+    cell "not run"): what it prints beside the settings, not the numbers."""
+    tree = make_folder_tree(tmp_path / dataset, num_classes=2, train_per_class=1, val_per_class=1)
+    args = paper.get_args_parser().parse_args(["--dataset", dataset, "--data-dir", tree["root"], "--ipc", "1,10",
+                                               "--only", "table1,table3", "--out", str(tmp_path / "run")])
+    paper.resolve_args(args)
+    cmd = paper.Commands(args)
+    plan = paper.build_plan(args, cmd)
+    none = {"soft": None, "hard": None, "random_soft": None, "random_hard": None, "metrics": {}, "soft_best": None,
+            "full": None, "full_label": None, "teacher": None, "student": "resnet18", "seeds": 3, "epochs": 300}
+    monkeypatch.setattr(paper, "read_results", lambda directory: none)
+    (tmp_path / "run").mkdir()
+    path = paper.write_paper(args, cmd, plan, paper.Ledger(str(tmp_path / "run" / "stages.json")), plan.rows, "x")
+    return open(path).read()
+
+
+def test_assumptions_are_printed_as_assumed(tmp_path, monkeypatch):
+    """Table III row 4's λ_BN (global-bn) and ImageNet-1K's teacher recipe are in neither the paper nor the
+    released logs: PAPER.md says "assumed" beside them (its heading, its cell, the header's teacher line);
+    the λ_BN of the released runs is printed with the log it comes from (ImageNette: log/304 at IPC 1,
+    log/888 at IPC 10, where the release's try.sh / log JSON hold r_bn 10 and 30)."""
+    text = _paper_text_without_runs(tmp_path / "nette", monkeypatch, "imagenette")
+    assert re.search(r"^## Table III: ablations at IPC 10 \(global-bn's λ_BN assumed\)", text, re.M)
+    rows = {r[0]: r for r in table(text, "Table III")}
+    assert rows["global-bn"][7].startswith("30 (assumed")
+    assert rows["wmdd"][7] == "30 (Liu-Hy/WMDD log/888 (65.30, with KD batch 50))"
+    assert "sre2l" in rows and "assumed" not in rows["sre2l"][7] and "assumed" not in rows["ce"][7]
+    assert "- recover λ_BN at IPC 1: 10 (Liu-Hy/WMDD log/304" in text
+    assert "teacher recipe" not in text  # ImageNette's teacher is in the logs
+    text = _paper_text_without_runs(tmp_path / "in1k", monkeypatch, "imagenet")
+    assert re.search(r"^## Table I: WMDD at each IPC \(teacher recipe assumed\)", text, re.M)
+    assert re.search(r"^- teacher recipe: assumed: ", text, re.M)
+    assert re.search(r"^- recover λ_BN at IPC 1: 500 \(assumed", text, re.M)  # the logs are silent at IPC 1
+    assert table(text, "Table III")[3][7].startswith("500 (assumed")
 
 
 def _table1_numbers(run: str) -> dict:

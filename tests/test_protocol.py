@@ -279,7 +279,8 @@ def test_every_choice_has_a_readme_row():
 def test_released_protocol_end_to_end_on_digits(digits_run, tmp_path, capsys):
     out = copy_run(digits_run, tmp_path / "run")
     common = ["--dataset", "digits", "--ipc", 2, "--out", out, "--protocol", "released"]
-    printed = 0
+    run_stage(squeeze, ["--dataset", "digits", "--out", out, "--protocol", "released", "--stats-only"])
+    printed = _check_block_against_readme(capsys.readouterr().out, "squeeze")
     for module, extra in ((barycenter, []), (recover, ["--iterations", 2]), (relabel, ["--epochs", 1]),
                           (evaluate, ["--epochs", 1, "--baseline", "none"])):
         run_stage(module, common + extra)
@@ -303,6 +304,10 @@ def test_released_protocol_end_to_end_on_digits(digits_run, tmp_path, capsys):
     assert "--protocol released" in err and "--image-format jpeg" in err and "--pixel-rounding floor" in err
     assert os.path.getmtime(manifest) == before
     assert _exit_code(recover, ["--dataset", "digits", "--ipc", 2, "--out", out, "--iterations", 1]) == 2
+    err = capsys.readouterr().err
+    assert "bn_stats.pt was made under --protocol released" in err and "--class-var batch-mean" in err
+    assert _exit_code(recover, ["--dataset", "digits", "--ipc", 2, "--out", out, "--iterations", 1,
+                                "--bn-stats", os.path.join(digits_run, "bn_stats.pt")]) == 2
     assert "--init randn" in capsys.readouterr().err
     # a choice set by its own flag upstream is what the user asked for: accepted downstream
     run_stage(recover, ["--dataset", "digits", "--ipc", 2, "--out", tmp_path / "own", "--teacher",
@@ -319,7 +324,7 @@ def test_released_protocol_end_to_end_on_a_raw_tiny_tree_at_224(tmp_path, monkey
     make_tiny_tree(tmp_path / "store" / "tiny-imagenet-200", num_classes=2, train_per_class=3, val_per_class=1)
     common = ["--dataset", "tiny", "--out", tmp_path / "run", "--protocol", "released"]
     run_stage(squeeze, common + ["--arch", "convnet", "--epochs", 1, "--batch-size", 3])
-    printed = 0
+    printed = _check_block_against_readme(capsys.readouterr().out, "squeeze")
     for module, extra in ((barycenter, ["--ipc", 1]), (recover, ["--ipc", 1, "--iterations", 2]),
                           (relabel, ["--ipc", 1, "--epochs", 1]),
                           (evaluate, ["--ipc", 1, "--epochs", 1, "--baseline", "none", "--student", "convnet"])):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -247,3 +248,99 @@ def test_bnstats_finalize_pools_classes_into_global_stats():
     act = model.features[0](x).double()
     torch.testing.assert_close(stats["global_mean"][0], act.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(stats["global_var"][0], act.var(dim=(0, 2, 3), unbiased=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# --protocol released: the per-class variance and the teacher's schedule as the release computes them
+
+
+def _bn_inputs(model, loader) -> tuple:
+    """Every BN layer's input over `loader` (float64, in dataset order) and the labels."""
+    inputs = {name: [] for name, _ in models.bn_layers(model)}
+    handles = [m.register_forward_pre_hook(lambda mod, inp, name=name: inputs[name].append(inp[0].double()))
+               for name, m in models.bn_layers(model)]
+    labels = []
+    with torch.no_grad():
+        for x, y in loader:
+            model(x)
+            labels.append(y)
+    for h in handles:
+        h.remove()
+    return {name: torch.cat(chunks) for name, chunks in inputs.items()}, torch.cat(labels)
+
+
+def test_class_var_batch_mean_is_the_released_per_batch_variance(digits_run, tmp_path):
+    """--protocol released (--class-var batch-mean): each class's variance is, as BatchNorm2dWithPerClassStats
+    accumulates it, sum_b size_b * var_b / n_c over one-class DataLoader batches of 100 in dataset order (the
+    last one partial); exact: numpy's var of the class. They differ by the between-batch term."""
+    out = copy_run(digits_run, tmp_path / "run")
+    run_stage(squeeze, ["--dataset", "digits", "--stats-only", "--out", out, "--protocol", "released"])
+    released = artifacts.load(artifacts.run_paths(out).bn_stats, stage="squeeze-stats")
+    exact = artifacts.load(artifacts.run_paths(digits_run).bn_stats, stage="squeeze-stats")
+    assert released["meta"]["protocol"]["choices"]["class_var"] == "batch-mean"
+    assert exact["meta"]["protocol"]["choices"]["class_var"] == "exact"
+
+    args = squeeze.get_args_parser().parse_args(["--dataset", "digits"])
+    info = data.resolve(args)
+    model, _ = models.load_teacher(artifacts.run_paths(digits_run).teacher, info)
+    inputs, y = _bn_inputs(model, DataLoader(data.build_dataset(info, args, "train"), batch_size=64))
+    sizes = [int((y == c).sum()) for c in range(info.num_classes)]
+    assert any(n % 100 for n in sizes)  # a partial last batch in some class
+    for i, name in enumerate(released["layers"]):
+        x = inputs[name]
+        for c in range(info.num_classes):
+            xc = x[y == c]  # the class's samples, in dataset order
+            batches = torch.split(xc, 100)  # DataLoader(Subset(class), batch_size=100, shuffle=False)
+            var_b = [b.var(dim=(0, 2, 3), unbiased=False) for b in batches]  # input.var(unbiased=False)
+            want = sum(b.shape[0] * v for b, v in zip(batches, var_b)) / xc.shape[0]  # class_var * input.size(0)
+            torch.testing.assert_close(released["var"][i][c], want, rtol=1e-6, atol=1e-9)
+            per_channel = xc.transpose(0, 1).reshape(x.shape[1], -1).numpy()
+            np_var = torch.from_numpy(np.var(per_channel, axis=1))
+            torch.testing.assert_close(exact["var"][i][c], np_var, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(released["mean"][i][c], xc.mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-9)
+            between = sum(b.shape[0] * (b.mean(dim=(0, 2, 3)) - xc.mean(dim=(0, 2, 3))) ** 2
+                          for b in batches) / xc.shape[0]
+            torch.testing.assert_close(exact["var"][i][c] - released["var"][i][c], between, rtol=1e-5, atol=1e-8)
+            assert (between > 0).all()
+        torch.testing.assert_close(released["count"][i], exact["count"][i])  # the class's own sums are kept
+        torch.testing.assert_close(released["sum"][i], exact["sum"][i])
+
+
+def _lrs_of_a_run(monkeypatch, argv) -> list:
+    """The learning rate of every SGD step of a squeeze run."""
+    seen, step = [], torch.optim.SGD.step
+
+    def recording(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    run_stage(squeeze, argv)
+    monkeypatch.undo()
+    return seen
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_lr_step_epoch_is_pretrain_py_per_epoch_schedule(tmp_path, monkeypatch, warmup):
+    """--lr-step epoch: every step of epoch e uses the lr that the release's pretrain.py schedule has after e
+    epochs (torchvision's recipe: CosineAnnealingLR(T_max=epochs - warmup) after LinearLR(0.01) warm-up
+    epochs, stepped once per epoch), built here on a parameter of its own."""
+    epochs, lr = 3, 0.05
+    argv = ["--dataset", "digits", "--epochs", epochs, "--lr", lr, "--warmup-epochs", warmup, "--batch-size", 256,
+            "--out", tmp_path / "run", "--lr-step", "epoch"]
+    seen = _lrs_of_a_run(monkeypatch, argv)
+    steps = len(seen) // epochs
+    assert len(seen) == epochs * steps and steps > 1
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs - warmup)
+    sched = cosine if not warmup else torch.optim.lr_scheduler.SequentialLR(
+        opt, [torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup), cosine], [warmup])
+    want = []
+    for _ in range(epochs):
+        want += [opt.param_groups[0]["lr"]] * steps
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(want, rel=1e-12)
+    if not warmup:  # and per iteration (--protocol wmdd) the lr changes within an epoch
+        per_it = _lrs_of_a_run(monkeypatch, argv[:-2] + ["--out", tmp_path / "it"])
+        assert per_it[0] == lr and per_it[1] < lr and len(per_it) == len(seen)

@@ -67,20 +67,61 @@ def collect(model, loader, num_classes: int, device, impl: str | None = None, pr
                 "count": [n.cpu() for n in hooks.counts]}
 
 
-def finalize(sums: dict) -> dict:
-    """Add per-class and global mean / biased variance (float64) to a dict of sums."""
-    out = dict(sums)
+def finalize(sums: dict, batch_class: torch.Tensor | None = None) -> dict:
+    """Add per-class and global mean / biased variance (float64) to a dict of sums.
+
+    batch_class [B] (--class-var batch-mean): the sums are per batch of `release_batches`, batch b of class
+    batch_class[b]. Each class's variance is then the released one, the mean over its batches of each batch's
+    biased variance weighted by the batch's size (the between-batch part dropped); its mean and the stored
+    sums are the class's own (the release's mean is the exact one too)."""
+    out = {k: list(v) if k in ("sum", "sumsq", "count") else v for k, v in sums.items()}
     out["mean"], out["var"], out["global_mean"], out["global_var"] = [], [], [], []
-    for s, sq, n in zip(sums["sum"], sums["sumsq"], sums["count"]):
+    for i, (s, sq, n) in enumerate(zip(sums["sum"], sums["sumsq"], sums["count"])):
         n_ = n.clamp_min(1).unsqueeze(1)  # Eq. per-class BN statistics (real data, from float64 sums)
         mean = s / n_
+        var = (sq / n_ - mean * mean).clamp_min(0)
+        if batch_class is not None:  # batches -> classes: the released sum_b n_b var_b / n_c
+            classes = int(batch_class.max()) + 1
+            weighted = torch.zeros(classes, s.shape[1], dtype=s.dtype).index_add_(0, batch_class, var * n.unsqueeze(1))
+            s, sq, n = (torch.zeros(classes, *t.shape[1:], dtype=t.dtype).index_add_(0, batch_class, t)
+                        for t in (s, sq, n))
+            out["sum"][i], out["sumsq"][i], out["count"][i] = s, sq, n
+            n_ = n.clamp_min(1).unsqueeze(1)
+            mean, var = s / n_, weighted / n_
         out["mean"].append(mean)
-        out["var"].append((sq / n_ - mean * mean).clamp_min(0))
+        out["var"].append(var)
         total = n.sum().clamp_min(1)
         g_mean = s.sum(0) / total
         out["global_mean"].append(g_mean)
         out["global_var"].append((sq.sum(0) / total - g_mean * g_mean).clamp_min(0))
     return out
+
+
+def release_batches(targets, num_classes: int, size: int) -> tuple:
+    """The released statistics pass's batches (recover/data_synthesis_new.py main_syn: one DataLoader per
+    class over its samples in dataset order, batch_size = recover's 100, shuffle off, the last batch partial).
+    Returns (the batch of every sample [N], the class of every batch [B]), batches numbered class by class."""
+    y = torch.as_tensor(list(targets), dtype=torch.long)
+    counts = torch.bincount(y, minlength=num_classes)
+    rank = torch.empty_like(y)  # each sample's position among its class's samples, in dataset order
+    order = torch.argsort(y, stable=True)
+    rank[order] = torch.arange(len(y)) - (torch.cumsum(counts, 0) - counts)[y[order]]
+    per_class = (counts + size - 1) // size
+    first = torch.cumsum(per_class, 0) - per_class
+    return first[y] + rank // size, torch.repeat_interleave(torch.arange(num_classes), per_class)
+
+
+class Relabelled(torch.utils.data.Dataset):
+    """`dataset`'s images with other labels (the statistics pass's batch ids)."""
+
+    def __init__(self, dataset, labels: torch.Tensor):
+        self.dataset, self.labels = dataset, labels
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], int(self.labels[i])
 
 
 # ---------------------------------------------------------------------------------------------

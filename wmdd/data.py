@@ -62,12 +62,13 @@ def _folder_classes(preset: Preset, root: str) -> tuple:
     return tuple(classes)
 
 
-def resolve(args: argparse.Namespace) -> DatasetInfo:
+def resolve(args: argparse.Namespace, on_disk: bool = True) -> DatasetInfo:
     """Check the dataset exists in the expected layout and resolve the preset against it.
-    Fills args.resolution when it was None."""
+    Fills args.resolution when it was None. on_disk=False (a --dry-run): nothing is looked for or read, and
+    the classes are the preset's count, numbered."""
     preset = get_preset(args.dataset)
     root = args.data_dir
-    if preset.needs_data_dir:
+    if preset.needs_data_dir and on_disk:
         if not root:
             root = args.data_dir = default_data_dir(preset, getattr(args, "download", False))
         elif not os.path.isdir(root) and not (preset.name in DOWNLOADABLE and getattr(args, "download", False)):
@@ -79,30 +80,33 @@ def resolve(args: argparse.Namespace) -> DatasetInfo:
         fail(f"--resolution {args.resolution} is not a protocol of --dataset {preset.name}; "
              f"choose one of {list(preset.resolutions)}.")
 
-    if preset.name == "digits":
-        classes = tuple(str(d) for d in range(10))
-    elif preset.name == "tiny":
-        classes = _tiny_classes(root)
-    elif preset.name in ("cifar10", "cifar100"):
-        classes = tuple(_cifar(preset.name, root, train=False, download=getattr(args, "download", False)).classes)
-    elif preset.name == "fashion_mnist":
-        if getattr(args, "download", False) and not idx.present(root):
-            idx.download(root)
-        idx.locate(root)  # all four files there (read and checked when a stage loads a split)
-        classes = tuple(idx.FASHION.classes)
-    else:
-        classes = _folder_classes(preset, root)
-    if preset.num_classes is not None and preset.name in ("imagenette", "imagenet") \
-            and len(classes) != preset.num_classes:
-        print(f"note: {root}/train has {len(classes)} class folders; the {preset.name} preset expects "
-              f"{preset.num_classes}. Continuing with the folders found.")
-
+    classes = _read_classes(preset, root, args) if on_disk else tuple(str(c) for c in range(preset.num_classes or 0))
     image_size = args.resolution
     mean, std = preset.norm_by_resolution.get(args.resolution, (preset.mean, preset.std))
     return DatasetInfo(name=preset.name, data_dir=root, classes=classes, resolution=args.resolution,
                        image_size=image_size, mean=mean, std=std, arch=preset.arch,
                        stem=preset.stems[args.resolution], crop_scale=preset.crop_scale, flip=preset.flip,
                        protocol=getattr(args, "protocol", None) or "wmdd", teacher_pad=preset.teacher_pad)
+
+
+def _read_classes(preset: Preset, root, args) -> tuple:
+    if preset.name == "digits":
+        return tuple(str(d) for d in range(10))
+    if preset.name == "tiny":
+        return _tiny_classes(root)
+    if preset.name in ("cifar10", "cifar100"):
+        return tuple(_cifar(preset.name, root, train=False, download=getattr(args, "download", False)).classes)
+    if preset.name == "fashion_mnist":
+        if getattr(args, "download", False) and not idx.present(root):
+            idx.download(root)
+        idx.locate(root)  # all four files there (read and checked when a stage loads a split)
+        return tuple(idx.FASHION.classes)
+    classes = _folder_classes(preset, root)
+    if preset.num_classes is not None and preset.name in ("imagenette", "imagenet") \
+            and len(classes) != preset.num_classes:
+        print(f"note: {root}/train has {len(classes)} class folders; the {preset.name} preset expects "
+              f"{preset.num_classes}. Continuing with the folders found.")
+    return classes
 
 
 def default_data_dir(preset: Preset, download: bool = False) -> str:

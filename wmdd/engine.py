@@ -17,11 +17,12 @@ from wmdd.cli import resolve_device
 
 def stage_main(run, args):
     """A stage's main(): resolve the dataset preset, join torchrun's process group (if any), call
-    run(args, info, world, device, t0), and leave the group however run ends."""
+    run(args, info, world, device, t0), and leave the group however run ends. A stage's --dry-run resolves
+    the preset without reading the data (run then prints its configuration and stops)."""
     t0 = time.time()
     tune_cpu_allocator()
     protocol.resolve(args)
-    info = data.resolve(args)
+    info = data.resolve(args, on_disk=not getattr(args, "dry_run", False))
     world, device = dist.setup(resolve_device(args.device))
     try:
         return run(args, info, world, device, t0)

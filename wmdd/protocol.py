@@ -21,7 +21,7 @@ PROTOCOLS = ("wmdd", "released")
 class Choice:
     name: str        # attribute on the stage's args
     flag: str        # its command-line flag
-    stage: str       # the stage that has the flag
+    stage: str       # the stage that has the flag (squeeze-stats: squeeze.py's, acting on bn_stats.pt only)
     ours: object     # this project's value (--protocol wmdd)
     released: object  # the released code's value (--protocol released)
     source: str      # where the released value is, in Liu-Hy/WMDD
@@ -33,6 +33,13 @@ class Choice:
 
 
 CHOICES = (
+    Choice("lr_step", "--lr-step", "squeeze", "iteration", "epoch",
+           "pretrain/pretrain.py main: CosineAnnealingLR(T_max=epochs - warmup), lr_scheduler.step() after each "
+           "epoch", False, "teacher's cosine (and warm-up) schedule stepped per iteration or per epoch"),
+    Choice("class_var", "--class-var", "squeeze-stats", "exact", "batch-mean",
+           "recover/utils.py BatchNorm2dWithPerClassStats.forward: class_var * input.size(0) accumulated over "
+           "one-class batches of 100", True,
+           "per-class BN variance of the real data (batch-mean: the mean of one-class batches' variances)"),
     Choice("barycenter_init", "--init", "barycenter", "kmeans++", "randn",
            "recover/barycenter.py compute_wasserstein_barycenter: np.random.randn(k, d)", True,
            "start of the barycenter atoms"),
@@ -99,7 +106,7 @@ def record(args, stage: str) -> dict:
     acts on it (barycenters.pt records --init; features.pt, made by the same stage, none)."""
     if args is None:
         return {"name": "wmdd", "choices": {}, "flags": []}
-    mine = [c for c in _stage_choices(args) if c.stage == stage.split("-")[0]]
+    mine = [c for c in _stage_choices(args) if c.stage in (stage, stage.split("-")[0])]
     return {"name": getattr(args, "protocol", "wmdd"),
             "choices": {c.name: _json(getattr(args, c.name)) for c in mine},
             "flags": [n for n in getattr(args, "protocol_flags", []) if n in {c.name for c in mine}]}
@@ -127,7 +134,7 @@ def check(meta: dict, path, protocol: str) -> None:
             continue
         if c.name in rec.get("choices", {}):
             found = rec["choices"][c.name]
-        elif meta.get("protocol") is None and meta.get("stage", "").split("-")[0] == c.stage:
+        elif meta.get("protocol") is None and c.stage in (meta.get("stage", ""), meta.get("stage", "").split("-")[0]):
             found = c.ours  # made before choices were recorded: this project's value
         else:
             continue  # the artifact's stage does not have this choice
@@ -135,7 +142,7 @@ def check(meta: dict, path, protocol: str) -> None:
             wrong.append((c, found))
     if wrong:
         said = "; ".join(f"{c.flag} {found} (this run expects {c.value(protocol)}: {c.what})" for c, found in wrong)
-        stages = sorted({c.stage for c, _ in wrong})
+        stages = sorted({c.stage.split("-")[0] for c, _ in wrong})
         fail(f"{path} was made under --protocol {made} with {said}. Rerun {' and '.join(s + '.py' for s in stages)} "
              f"with --protocol {protocol} into this --out (or another --out), or run this stage with "
              f"--protocol {made}.")
