@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.wmdd-installed
 # Anything that changes what `pip install -e .` builds re-runs the install.
 INSTALL_DEPS := pyproject.toml setup.py $(wildcard csrc/*)
 
-.PHONY: install test test-ref test-readme test-all demo bench clean cuda-check
+.PHONY: install test test-ref test-readme test-all demo bench fmnist clean cuda-check
 
 install: $(STAMP)
 
@@ -52,8 +52,29 @@ DEMO_IPC ?= 10
 demo: install
 	$(PY) -m lab.paper --dataset digits --out $(DEMO) --preset quick --ipc $(DEMO_IPC) --in-process
 
+# Fashion-MNIST's table (docs/fashion_mnist.md; bench/RESULTS.md, "Fashion-MNIST: the table"): the protocol
+# check, then every row at IPC 1, 10 and 50, hard labels under DC's recipe and soft labels under the KD
+# recipe; a new distilled set per seed. Resumable: a rerun reuses every finished stage and student. Hours
+# on 2 CPU cores (the teacher alone ~30 min); FMNIST_WORK keeps the runs.
+FMNIST_WORK ?= runs/fmnist_bench
+FMNIST_ROWS := --rows random,herding,kcenter,coreset,sre2l,wmdd,best --baselines random,herding,kcenter,coreset
+fmnist: install
+	$(PY) bench/bench_fmnist.py --ipc 1 10 --students 5 --work runs/fmnist_check
+	$(PY) bench/bench_fmnist.py --ipc 50 --students 3 --work runs/fmnist_check
+	for ipc in 1 10 50; do \
+	  $(PY) bench/bench_vs_random.py --dataset fashion_mnist --ipc $$ipc --seeds 3 --redistill --iterations 200 \
+	    --epochs 300 $(FMNIST_ROWS) --work $(FMNIST_WORK) --tag dc --eval-args "--recipe dc --labels hard" \
+	    --report $(FMNIST_WORK)/hard_ipc$$ipc.md || exit 1; \
+	  $(PY) bench/bench_vs_random.py --dataset fashion_mnist --ipc $$ipc --seeds 3 --redistill --iterations 200 \
+	    --epochs 300 $(FMNIST_ROWS) --work $(FMNIST_WORK) --eval-args=--soft-only \
+	    --report $(FMNIST_WORK)/soft_ipc$$ipc.md || exit 1; \
+	done
+
+# The speed benchmarks; the study drivers (bench_vs_random.py, bench_fmnist.py) take their settings on the
+# command line and run for hours: `make fmnist`, docs/studies.md.
 bench: install
-	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	for f in bench/bench_*.py; do case $$f in *vs_random*|*fmnist*) continue;; esac; \
+	  echo "== $$f"; $(PY) $$f || exit 1; done
 
 # Compile the CUDA kernels (FORCE_CUDA=1, one architecture) into a throw-away directory: catches CUDA
 # build errors on machines without a GPU; the CPU build in the venv is untouched. Needs nvcc.
