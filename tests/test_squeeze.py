@@ -25,8 +25,8 @@ def _cli_exit_code(module, argv) -> int:
     return e.value.code
 
 
-def _float64_stats(model, loader, num_classes):
-    """Independent oracle: keep every BN input in memory, then x[y == c] per class in float64."""
+def _bn_inputs(model, loader) -> tuple:
+    """Every BN layer's input over `loader` (float64, in dataset order) and the labels."""
     inputs = {name: [] for name, _ in models.bn_layers(model)}
     handles = [m.register_forward_pre_hook(lambda mod, inp, name=name: inputs[name].append(inp[0].double()))
                for name, m in models.bn_layers(model)]
@@ -37,10 +37,14 @@ def _float64_stats(model, loader, num_classes):
             labels.append(y)
     for h in handles:
         h.remove()
-    y = torch.cat(labels)
+    return {name: torch.cat(chunks) for name, chunks in inputs.items()}, torch.cat(labels)
+
+
+def _float64_stats(model, loader, num_classes):
+    """Independent oracle: keep every BN input in memory, then x[y == c] per class in float64."""
+    inputs, y = _bn_inputs(model, loader)
     out = {}
-    for name, chunks in inputs.items():
-        x = torch.cat(chunks)  # [N, C, H, W]
+    for name, x in inputs.items():  # x: [N, C, H, W]
         mean = torch.stack([x[y == c].mean(dim=(0, 2, 3)) for c in range(num_classes)])
         var = torch.stack([x[y == c].var(dim=(0, 2, 3), unbiased=False) for c in range(num_classes)])
         out[name] = (mean, var, x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
@@ -253,20 +257,6 @@ def test_bnstats_finalize_pools_classes_into_global_stats():
 # ---------------------------------------------------------------------------------------------
 # --protocol released: the per-class variance and the teacher's schedule as the release computes them
 
-
-def _bn_inputs(model, loader) -> tuple:
-    """Every BN layer's input over `loader` (float64, in dataset order) and the labels."""
-    inputs = {name: [] for name, _ in models.bn_layers(model)}
-    handles = [m.register_forward_pre_hook(lambda mod, inp, name=name: inputs[name].append(inp[0].double()))
-               for name, m in models.bn_layers(model)]
-    labels = []
-    with torch.no_grad():
-        for x, y in loader:
-            model(x)
-            labels.append(y)
-    for h in handles:
-        h.remove()
-    return {name: torch.cat(chunks) for name, chunks in inputs.items()}, torch.cat(labels)
 
 
 def test_class_var_batch_mean_is_the_released_per_batch_variance(digits_run, tmp_path):
